@@ -13,22 +13,32 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "convert": ("bitgen.convert", "convert official CoBit PyTorch checkpoints to bitgen params and back"),
+    "data": ("bitgen.data.cli", "build/inspect a tokenised, packed dataset and print its statistics"),
+    "train": ("bitgen.train.cli", "train a CoBit model"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitgen", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        if name == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(p)
-            p.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    top = argparse.ArgumentParser(
+        prog="bitgen",
+        description=__doc__.splitlines()[0],
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=sorted(COMMANDS), help="what to do")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    command = top.parse_args(argv[:1]).command
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"bitgen {command}", description=help_text)
+    module.add_arguments(parser)
+    # Intermixed parsing lets `key=value` overrides and --flags come in any order.
+    args = parser.parse_intermixed_args(argv[1:])
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

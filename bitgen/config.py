@@ -110,6 +110,8 @@ class DataConfig:
     tokenizer: str = "bpe"  # bpe (trained on the corpus) | path to tokenizer.json / vocab.txt
     vocab_size: int = 8192  # for a trained BPE tokenizer; P = ceil(log2 V)
     packing: str = "sep"  # sep (LM1B rule) | window (OWT rule)
+    # packing=window: second-stage code tokenizer (<name>.json + <name>.meta.json); "" = base ids
+    code_tokenizer: str = ""
     code_policy: str = "modulo"  # modulo | stop | nearest (codes >= V)
     bit_order: str = "raw"  # raw | gray | path to an id->code map (.npy)
     val_fraction: float = 0.005
