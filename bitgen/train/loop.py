@@ -1,0 +1,307 @@
+"""The training loop: the only place with side effects (data reads, logging, checkpoints, signals).
+
+Run directory layout::
+
+    <run_dir>/config.json          the resolved ExperimentConfig
+    <run_dir>/metrics.jsonl        one JSON line per logged step
+    <run_dir>/tb/                  TensorBoard event files
+    <run_dir>/checkpoints/<step>/  orbax checkpoints (state, data position, metadata)
+    <run_dir>/entropy_tables/      entropy_table_<step>.npz each time the table is rebuilt
+    <run_dir>/samples.jsonl        decoded text samples (train.sample_every > 0)
+
+The loop dispatches steps asynchronously and reads metrics back only when it logs or saves; the
+step itself refuses non-finite updates, so the state in memory and on disk is never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from bitgen import __version__ as bitgen_version
+from bitgen import parallel
+from bitgen.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
+from bitgen.config import ConfigError, ExperimentConfig, to_dict
+from bitgen.train.optim import make_optimizer
+from bitgen.train.state import TrainState, create_train_state, make_init_fn, state_layout
+from bitgen.train.step import cobit_step_fns, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient; no state after it was kept or saved."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # updates completed
+    preempted: bool  # stopped early by a signal / preemption notice (after saving)
+    last_metrics: dict[str, float]
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process when any process saw ``flag`` (collective in multi-process runs)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + progress bar, written by process 0 only."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, start: int, enabled: bool, progress: bool):
+        self.enabled = enabled
+        self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_tokens
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(start)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        # A resumed run repeats the steps after its checkpoint: drop their old lines.
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, rows: list[dict[str, Any]], window_seconds: float, window_steps: int) -> dict[str, Any]:
+        step_time = window_seconds / max(window_steps, 1)
+        last = dict(rows[-1], step_time_s=step_time, tokens_per_s=self.tokens_per_step / max(step_time, 1e-9),
+                    loss_window=float(np.mean([r["loss"] for r in rows])))
+        if not self.enabled:
+            return last
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(last) + "\n")
+        for key, value in last.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, last["step"])
+        if self.bar is not None:
+            self.bar.update(last["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                 step_s=f"{step_time:.3f}")
+        return last
+
+    def text(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict[str, Any]]:
+    """Device metrics of the pending steps -> host rows; raise on the first non-finite step."""
+    rows = []
+    for step, metrics in pending:
+        host = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        if not host.pop("finite"):
+            raise NonFiniteLossError(
+                f"non-finite loss/gradient at step {step} (loss={host['loss']}, "
+                f"grad_norm={host['grad_norm']}); that update was discarded and nothing after it "
+                "was saved. Resume from the last checkpoint with a lower optim.lr or "
+                "optim.grad_clip, or check the data"
+            )
+        rows.append({"step": step, **host})
+    return rows
+
+
+def _save_table(state: TrainState, run_dir: Path, step: int) -> None:
+    from bitgen.diffusion.entropy_schedule import save_entropy_table
+
+    save_entropy_table(jax.device_get(state.schedule.table), run_dir / "entropy_tables" / f"entropy_table_{step:08d}.npz")
+
+
+def _write_samples(cfg: ExperimentConfig, state: TrainState, rows, step: int, run_dir: Path, logger: _Logger) -> None:
+    """Draw a few samples with the EMA weights and log them as text."""
+    from bitgen.sampling import build_sampler
+
+    sampler_cfg = cfg.sampler
+    table = None
+    if bool(jax.device_get(state.schedule.table_ready)):
+        table = jax.device_get(state.schedule.table)
+    elif sampler_cfg.grid == "entropic":
+        sampler_cfg = dataclasses.replace(sampler_cfg, grid="karras")  # no table learned yet
+    draw = build_sampler(cfg.model, sampler_cfg, table, cfg.model.seq_bits, cfg.diffusion)
+    n = min(4, sampler_cfg.batch_size)
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), step)
+    bits = multihost_utils.process_allgather(draw(state.ema_params, key, n).bits, tiled=True)
+    if not logger.enabled:
+        return
+    decoded = rows.codec.decode(np.asarray(bits))
+    texts = [rows.decode_text(ids[:length]) for ids, length in zip(decoded.ids, decoded.length)]
+    with (run_dir / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "grid": sampler_cfg.grid, "samples": texts}) + "\n")
+    for i, text in enumerate(texts):
+        logger.text(f"[sample step {step} #{i}] {text[:300]}")
+    if logger.tb is not None:
+        logger.tb.add_text("samples", "\n\n".join(texts), step)
+
+
+def _metadata(cfg: ExperimentConfig, mesh, step: int) -> dict[str, Any]:
+    return {
+        "config": to_dict(cfg),
+        "step": step,
+        "bitgen_version": bitgen_version,
+        "jax_version": jax.__version__,
+        "process_count": jax.process_count(),
+        "mesh": dict(mesh.shape),
+    }
+
+
+def train(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    resume_fallback: bool = False,
+    flag: PreemptionFlag | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` in ``run_dir`` until ``train.steps`` or a preemption signal.
+
+    ``resume``: continue from the latest checkpoint in ``run_dir`` (required when one exists).
+    ``flag``: polled at every step boundary; when set, the state is saved and the run returns
+    with ``preempted=True``.
+    """
+    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
+    from bitgen.diffusion.denoiser import init_params, param_logical_axes
+    from bitgen.diffusion.entropy_schedule import init_schedule_state
+
+    run_dir = Path(run_dir)
+    flag = flag or PreemptionFlag()
+    mesh = parallel.make_mesh(cfg.mesh)
+    main = _is_main()
+
+    rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens, progress=progress and main)
+    if rows.codec.width != cfg.model.patch_size:
+        raise ConfigError(
+            f"the tokenizer/codec gives {rows.codec.width} bits per token but "
+            f"model.patch_size={cfg.model.patch_size}; set model.patch_size={rows.codec.width}"
+        )
+    dataset = make_batch_dataset(
+        rows.train_rows, rows.codec, global_batch=cfg.data.batch_size, seed=cfg.data.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    init_fn = make_init_fn(
+        cfg.train.seed, tx,
+        lambda key: init_params(key, cfg.model),
+        lambda: init_schedule_state(cfg.entropy, cfg.diffusion),
+    )
+    shardings, abstract = state_layout(mesh, init_fn, param_logical_axes(cfg.model), tx)
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.ckpt_every,
+                        keep=cfg.train.keep_checkpoints)
+    data_iter = make_batch_iterator(dataset)
+    if ckpt.latest_step() is not None:
+        if not resume:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (latest step {ckpt.latest_step()}); pass "
+                "--resume to continue it or choose another --run-dir"
+            )
+        restored = ckpt.restore(abstract, config=cfg, data_iter=data_iter, fallback=resume_fallback)
+        state, start = restored.state, restored.step
+        if not restored.data_restored:  # other process layout: batch k is a pure function of k
+            data_iter = make_batch_iterator(dataset, start_batch=start)
+        if data_iter.get_state()["next_index"] != start:
+            raise CheckpointError(
+                f"checkpoint step {start} stores data position {data_iter.get_state()} (expected "
+                f"next_index={start}); the checkpoint is inconsistent, resume from another step"
+            )
+    else:
+        state, start = create_train_state(init_fn, shardings), 0
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    logger = _Logger(run_dir, cfg, start, enabled=main, progress=progress)
+    step_fn = jit_train_step(make_train_step(cfg, tx, cobit_step_fns(cfg), mesh), mesh, shardings)
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last: dict[str, Any] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    preempted = False
+    try:
+        for step in range(start, cfg.train.steps):
+            local = next(data_iter)
+            batch = parallel.global_batch({"bits": local["bits"]}, mesh, cfg.data.batch_size)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            pending.append((done, metrics))
+            window_steps += 1
+
+            log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            # Signals are agreed across processes only when logging (a collective per step
+            # would stall the pipeline); a TPU preemption notice is agreed every step by orbax.
+            signalled = flag.requested
+            if jax.process_count() > 1:
+                signalled = log_now and _agree(signalled)
+            preempted = signalled or ckpt.reached_preemption(done)
+            save_now = preempted or done == cfg.train.steps or done % cfg.train.ckpt_every == 0
+            if log_now or save_now:
+                rows_out = _fetch(pending)  # raises before any save of a non-finite state
+                pending.clear()
+                if log_now:
+                    last = logger.write(rows_out, time.perf_counter() - window_start, window_steps)
+                    window_start, window_steps = time.perf_counter(), 0
+            if cfg.entropy.enabled and done % cfg.entropy.update_every == 0 and main:
+                if bool(jax.device_get(state.schedule.table_ready)):
+                    _save_table(state, run_dir, done)
+            if cfg.train.sample_every and done % cfg.train.sample_every == 0 and not preempted:
+                _write_samples(cfg, state, rows, done, run_dir, logger)
+            ckpt.save(done, state, metadata=_metadata(cfg, mesh, done), data_iter=data_iter,
+                      force=save_now)
+            if preempted:
+                logger.text(f"preempted: saved step {done} to {ckpt.directory}; resume with --resume")
+                break
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        logger.close()
+    return TrainResult(step=int(jax.device_get(state.step)), preempted=preempted, last_metrics=last)
+
+
+def max_param_difference(run_a: str | Path, run_b: str | Path, which: str = "params") -> float:
+    """Largest |a - b| over the parameters of the latest checkpoints of two run directories."""
+    from bitgen.checkpoint import restore_params
+    from bitgen.config import from_dict
+    from bitgen.diffusion.denoiser import param_shapes
+
+    cfg = from_dict(json.loads((Path(run_a) / "config.json").read_text()))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          param_shapes(cfg.model))
+    a = restore_params(Path(run_a) / "checkpoints", target, which=which)
+    b = restore_params(Path(run_b) / "checkpoints", target, which=which)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -1,0 +1,177 @@
+"""Checkpoint facade: exact resume, cross-mesh restore, params-only restore, data position,
+corrupt-latest fallback, incompatible config, preemption flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import grain
+import jax
+import numpy as np
+import pytest
+import train_standins as si
+
+from bitgen.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    PreemptionFlag,
+    restore_params,
+)
+from bitgen.config import MeshConfig, ModelConfig, to_dict
+from bitgen.parallel import make_mesh
+from bitgen.train.optim import make_optimizer
+from bitgen.train.state import create_train_state, make_init_fn, state_layout
+from bitgen.train.step import jit_train_step, make_train_step
+
+
+class Setup:
+    """State layout + jitted step for a stand-in config on a given mesh."""
+
+    def __init__(self, mesh_cfg: MeshConfig, config=None):
+        self.cfg = config or si.config(mesh=mesh_cfg)
+        self.mesh = make_mesh(self.cfg.mesh)
+        self.tx = make_optimizer(self.cfg.optim, self.cfg.train.steps)
+        self.init_fn = make_init_fn(0, self.tx, si.init_params, si.init_schedule)
+        self.shardings, self.abstract = state_layout(self.mesh, self.init_fn, si.PARAM_AXES, self.tx)
+        self.step = jit_train_step(make_train_step(self.cfg, self.tx, si.step_fns(), self.mesh),
+                                   self.mesh, self.shardings)
+
+    def fresh(self):
+        return create_train_state(self.init_fn, self.shardings)
+
+    def train(self, state, start, stop, ckpt=None):
+        losses = []
+        for k in range(start, stop):
+            state, metrics = self.step(state, {"bits": si.batch_bits(k)})
+            losses.append(float(metrics["loss"]))
+            if ckpt is not None:
+                ckpt.save(k + 1, state, metadata={"config": to_dict(self.cfg)})
+        return state, losses
+
+
+def leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return Setup(MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+def test_resume_is_bitwise_identical(tmp_path, setup):
+    full_state, full_losses = setup.train(setup.fresh(), 0, 6)
+
+    ckpt = Checkpointer(tmp_path, save_every=3, keep=2)
+    setup.train(setup.fresh(), 0, 4, ckpt)  # saves at step 3 (interval); step 4 is "lost"
+    ckpt.close()
+
+    ckpt = Checkpointer(tmp_path, save_every=3, keep=2)
+    restored = ckpt.restore(setup.abstract, config=setup.cfg)
+    assert restored.step == 3 and int(restored.state.step) == 3
+    state, losses = setup.train(restored.state, 3, 6)
+    ckpt.close()
+    assert losses == full_losses[3:]
+    leaves_equal(state.replace(rng=None), full_state.replace(rng=None))
+    assert jax.random.key_data(state.rng).tolist() == jax.random.key_data(full_state.rng).tolist()
+
+
+def test_restore_onto_a_different_mesh(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=2, keep=1)
+    state, _ = setup.train(setup.fresh(), 0, 2, ckpt)
+    ckpt.close()
+    other = Setup(MeshConfig(data=1, fsdp=8, tensor=1))
+    restored = Checkpointer(tmp_path, save_every=2, keep=1).restore(other.abstract, config=other.cfg)
+    assert restored.state.params["w_mid"].sharding == other.shardings.params["w_mid"]
+    leaves_equal(restored.state.params, state.params)
+    # Training continues on the new mesh and agrees with the old one to float tolerance.
+    _, losses_new = other.train(restored.state, 2, 4)
+    _, losses_old = setup.train(state, 2, 4)
+    np.testing.assert_allclose(losses_new, losses_old, rtol=1e-5)
+
+
+def test_params_only_restore_reads_ema(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+    state, _ = setup.train(setup.fresh(), 0, 1, ckpt)
+    ckpt.close()
+    ema = restore_params(tmp_path, setup.abstract.ema_params)
+    leaves_equal(ema, state.ema_params)
+    params = restore_params(tmp_path, setup.abstract.params, which="params")
+    leaves_equal(params, state.params)
+
+
+def test_data_iterator_position_is_restored(tmp_path, setup):
+    dataset = grain.MapDataset.range(1000).batch(4)
+    it = iter(dataset)
+    for _ in range(5):
+        next(it)
+    ckpt = Checkpointer(tmp_path, save_every=5, keep=1)
+    ckpt.save(5, setup.fresh(), metadata={"config": to_dict(setup.cfg)}, data_iter=it)
+    ckpt.close()
+    expected = next(it)
+    fresh = iter(dataset)
+    restored = Checkpointer(tmp_path, save_every=5, keep=1).restore(setup.abstract, data_iter=fresh)
+    assert restored.data_restored
+    np.testing.assert_array_equal(next(fresh), expected)
+
+
+def _damage(step_dir):
+    """Truncate every array data file of the state item (keeps the commit marker)."""
+    damaged = 0
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            path = os.path.join(root, name)
+            if "ocdbt.process" in root or name == "manifest.ocdbt":
+                open(path, "wb").close()
+                damaged += 1
+    assert damaged
+
+
+def test_corrupt_latest_checkpoint_errors_or_falls_back(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=3)
+    state, _ = setup.train(setup.fresh(), 0, 2, ckpt)
+    ckpt.close()
+    _damage(tmp_path / "2")
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=3)
+    with pytest.raises(CheckpointError, match=r"2.*cannot be read.*fallback=True.*step 1"):
+        ckpt.restore(setup.abstract, config=setup.cfg)
+    restored = ckpt.restore(setup.abstract, config=setup.cfg, fallback=True)
+    assert restored.step == 1 and int(restored.state.step) == 1
+
+
+def test_incompatible_config_is_refused_by_name(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+    setup.train(setup.fresh(), 0, 1, ckpt)
+    ckpt.close()
+    changed = dataclasses.replace(
+        setup.cfg,
+        model=ModelConfig(embed_dim=64, n_heads=4),
+        optim=dataclasses.replace(setup.cfg.optim, lr=1.0),  # optim changes are allowed
+    )
+    with pytest.raises(IncompatibleCheckpointError, match=r"model\.embed_dim: checkpoint=768 config=64.*model\.n_heads"):
+        Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=changed, fallback=True)
+    execution_only = dataclasses.replace(setup.cfg, model=ModelConfig(remat=True))
+    Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=execution_only)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, setup):
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract)
+
+
+def test_keep_last_n(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=2)
+    setup.train(setup.fresh(), 0, 4, ckpt)
+    ckpt.close()
+    assert Checkpointer(tmp_path, save_every=1, keep=2).steps() == [3, 4]
+
+
+def test_preemption_flag_catches_sigterm():
+    with PreemptionFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.requested and flag.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not flag._handle
