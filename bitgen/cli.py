@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("bitgen.convert", "convert official CoBit PyTorch checkpoints to bitgen params and back"),
     "data": ("bitgen.data.cli", "build/inspect a tokenised, packed dataset and print its statistics"),
     "train": ("bitgen.train.cli", "train a CoBit model"),
+    "sample": ("bitgen.eval.sample_cli", "draw samples from a trained run (CoBit or AR) to text + JSONL"),
+    "eval": ("bitgen.eval.cli", "sweep samplers x NFE x gamma: GenPPL/entropy table, CSV and frontier plot"),
+    "demo": ("bitgen.demo", "train CoBit, AR and an evaluator on the embedded corpus and compare them"),
 }
 
 

@@ -1,0 +1,160 @@
+"""Official-checkpoint converter: names, round trips, config inference, errors, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import pytest
+
+from bitgen import cli
+from bitgen.config import ConfigError, ModelConfig
+from bitgen.convert import (
+    FREQ_KEY,
+    ConversionError,
+    bitgen_to_official_name,
+    expected_official_shapes,
+    from_official,
+    infer_model_config,
+    load_official_state_dict,
+    load_params,
+    model_config_from_official,
+    official_to_bitgen_name,
+    to_official,
+)
+from bitgen.parity import load_json, load_npz
+
+SMALL = ModelConfig(patch_size=3, seq_tokens=4, embed_dim=8, n_heads=2, n_blocks=2, dim_ff=12,
+                    content_dim=2, head_hidden=4)
+
+
+def official_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    state = {k: rng.normal(size=shape).astype(np.float32)
+             for k, shape in expected_official_shapes(cfg).items()}
+    state[FREQ_KEY] = to_official_freq(cfg)
+    return state
+
+
+def to_official_freq(cfg: ModelConfig) -> np.ndarray:
+    e = cfg.embed_dim
+    return np.repeat(10000.0 ** (-np.arange(0, e, 2) / e), 2)[None].astype(np.float32)
+
+
+def test_name_mapping_examples_and_inverse():
+    assert official_to_bitgen_name("blocks.0.adaln1.mlp.1.weight") == ("blocks_0", "adaln1", "mlp_1", "kernel")
+    assert official_to_bitgen_name("head.mixer.3.bias") == ("head", "mixer_3", "bias")
+    for key in expected_official_shapes(SMALL):
+        assert bitgen_to_official_name(official_to_bitgen_name(key)) == key
+
+
+def test_round_trip_is_bitwise():
+    state = official_state(SMALL)
+    params = from_official(state, SMALL)
+    assert params["blocks_1"]["attn"]["qkv_proj"]["kernel"].shape == (8, 24)  # [in, out]
+    back = to_official(params, SMALL)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        if key == FREQ_KEY:  # a derived constant: equal up to the reference's float32 exp rounding
+            np.testing.assert_allclose(back[key], value, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(back[key], value)
+            assert back[key].dtype == np.float32
+
+
+def test_fixture_round_trip_and_config_inference(reference_dir):
+    state = load_npz(reference_dir, "sdt_params_fanin.npz")
+    cfg = model_config_from_official(load_json(reference_dir, "sdt_config.json"))
+    inferred = infer_model_config(state, ModelConfig(n_heads=cfg.n_heads, seq_tokens=cfg.seq_tokens))
+    for field in ("patch_size", "embed_dim", "n_blocks", "dim_ff", "content_dim", "head_hidden",
+                  "n_fourier_global", "n_fourier_local"):
+        assert getattr(inferred, field) == getattr(cfg, field), field
+    back = to_official(from_official(state, cfg), cfg)
+    for key, value in state.items():
+        if key != FREQ_KEY:
+            assert np.array_equal(back[key], value), key
+    np.testing.assert_allclose(back[FREQ_KEY], state[FREQ_KEY], rtol=1e-6)
+
+
+@pytest.mark.parametrize("break_it, pattern", [
+    (lambda s: s.pop("blocks.1.ff.Wb.weight"), r"missing keys: blocks\.1\.ff\.Wb\.weight \(8, 8\)"),
+    (lambda s: s.update({"blocks.2.attn.out_proj.weight": np.zeros((8, 8))}),
+     r"unexpected keys: blocks\.2\.attn\.out_proj\.weight"),
+    (lambda s: s.update({"head.time_proj.weight": np.zeros((5, 8))}),
+     r"head\.time_proj\.weight: got \(5, 8\), expected \(4, 8\)"),
+    (lambda s: s.update({FREQ_KEY: np.ones((1, 8), np.float32)}), r"time_fn\._freq"),
+    (lambda s: s.update({"blocks.0.attn.rope.inv_freq": np.ones(2, np.float32)}),
+     r"blocks\.0\.attn\.rope\.inv_freq .* head_dim=4, base=10000"),
+])
+def test_conversion_errors_name_the_key(break_it, pattern):
+    state = official_state(SMALL)
+    break_it(state)
+    with pytest.raises(ConversionError, match=pattern):
+        from_official(state, SMALL)
+
+
+def test_rope_buffers_are_accepted_and_ignored():
+    state = official_state(SMALL)
+    state["blocks.1.attn.rope.inv_freq"] = (1.0 / 10000.0 ** (np.arange(0, 4, 2) / 4)).astype(np.float32)
+    assert "rope" not in from_official(state, SMALL)["blocks_1"]["attn"]
+
+
+def test_unsupported_official_settings_are_refused():
+    config = {"model": {"head_type": "hybrid_attn_v2"}}
+    with pytest.raises(ConfigError, match="model.head_type='hybrid_attn_v2'"):
+        model_config_from_official(config)
+
+
+def test_loader_strips_wrapper_prefixes(tmp_path):
+    state = official_state(SMALL)
+    path = tmp_path / "ddp.npz"
+    np.savez(path, **{f"module._orig_mod.{k}": v for k, v in state.items()})
+    loaded = load_official_state_dict(path)
+    assert set(loaded) == set(state)
+
+
+def test_pytorch_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(ConversionError, match=r"bitgen\[torch\]"):
+        load_official_state_dict(path)
+
+
+def test_cli_converts_both_ways(tmp_path, capsys):
+    state = official_state(SMALL, seed=3)
+    source = tmp_path / "official.npz"
+    np.savez(source, **state)
+    bitgen_file, official_file = tmp_path / "params.npz", tmp_path / "back.npz"
+    assert cli.main(["convert", str(source), str(bitgen_file), "--n-heads", "2", "--seq-tokens", "4"]) == 0
+    params, cfg = load_params(bitgen_file)
+    assert (cfg.embed_dim, cfg.n_blocks, cfg.patch_size, cfg.dim_ff, cfg.n_heads) == (8, 2, 3, 12, 2)
+    assert params["blocks_1"]["ff"]["Wo"]["kernel"].shape == (8, 8)
+    assert cli.main(["convert", str(bitgen_file), str(official_file), "--to", "official"]) == 0
+    back = dict(np.load(official_file))
+    for key, value in state.items():
+        if key != FREQ_KEY:
+            np.testing.assert_array_equal(back[key], value)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_pytorch_checkpoints(tmp_path):
+    torch = pytest.importorskip("torch")
+    state = official_state(SMALL, seed=1)
+    tensors = {f"_orig_mod.{k}": torch.from_numpy(v).to(torch.bfloat16 if "bias" in k else torch.float32)
+               for k, v in state.items()}
+    torch.save(tensors, tmp_path / "weights.pt")
+    loaded = load_official_state_dict(tmp_path / "weights.pt")
+    np.testing.assert_array_equal(loaded["head.mixer.0.weight"], state["head.mixer.0.weight"])
+    assert loaded["head.mixer.0.bias"].dtype == np.float32
+    from_official(loaded, SMALL)
+
+    # A training checkpoint: weights under "model" next to objects that need unpickling.
+    torch.save({"model": tensors, "step": 7, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "full.pt")
+    with pytest.raises(ConversionError, match="--allow-pickle"):
+        load_official_state_dict(tmp_path / "full.pt")
+    loaded = load_official_state_dict(tmp_path / "full.pt", allow_pickle=True)
+    np.testing.assert_array_equal(loaded["patch_proj.weight"], state["patch_proj.weight"])
+    with pytest.raises(ConversionError, match="no entry 'ema'"):
+        load_official_state_dict(tmp_path / "full.pt", "ema", allow_pickle=True)
