@@ -160,6 +160,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
+    task: str = "cobit"  # cobit (bit diffusion) | ar (autoregressive baseline over token ids)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     entropy: EntropyScheduleConfig = field(default_factory=EntropyScheduleConfig)
@@ -187,6 +188,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check cross-field invariants once; raise ConfigError naming the key and the fix."""
     flat = to_dict(cfg)
+    if cfg.task not in ("cobit", "ar"):
+        raise ConfigError(f"task={cfg.task!r} is not one of ('cobit', 'ar')")
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = flat[section][name]

@@ -42,6 +42,8 @@ LOGICAL_RULES: Mapping[str, MeshAxes] = {
     "head_hidden": None,
     "bits": None,
     "seq": None,
+    # Token vocabularies (AR embedding/LM head, e.g. GPT-2's 50257) rarely divide a mesh axis.
+    "vocab": None,
 }
 
 

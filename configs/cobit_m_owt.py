@@ -1,7 +1,13 @@
 """CoBit-M on OpenWebText (spec §2, §4.5): 24x1024, 16 heads, lr 2e-4, warm-up 5000."""
 
-from bitgen.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig, SamplerConfig,
-                           TrainConfig)
+from bitgen.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    SamplerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> ExperimentConfig:

@@ -1,7 +1,13 @@
 """CoBit-S on LM1B (spec §1.1, §2, §4.5): BERT ids (P=15), 128 tokens, 12x768, 1M steps at batch 512."""
 
-from bitgen.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig, SamplerConfig,
-                           TrainConfig)
+from bitgen.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    SamplerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> ExperimentConfig:

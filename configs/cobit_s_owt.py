@@ -3,8 +3,14 @@
 Trained on a 1M-step cosine schedule and evaluated at 750K in the paper.
 """
 
-from bitgen.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig, SamplerConfig,
-                           TrainConfig)
+from bitgen.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimConfig,
+    SamplerConfig,
+    TrainConfig,
+)
 
 
 def get_config() -> ExperimentConfig:

@@ -72,6 +72,8 @@ def test_resume_is_bitwise_identical(tmp_path, setup):
     ckpt = Checkpointer(tmp_path, save_every=3, keep=2)
     restored = ckpt.restore(setup.abstract, config=setup.cfg)
     assert restored.step == 3 and int(restored.state.step) == 3
+    # A typed key comes back typed (not raw uint32 data), so the jitted step is not retraced.
+    assert jax.dtypes.issubdtype(restored.state.rng.dtype, jax.dtypes.prng_key)
     state, losses = setup.train(restored.state, 3, 6)
     ckpt.close()
     assert losses == full_losses[3:]
@@ -155,6 +157,15 @@ def test_incompatible_config_is_refused_by_name(tmp_path, setup):
         Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=changed, fallback=True)
     execution_only = dataclasses.replace(setup.cfg, model=ModelConfig(remat=True))
     Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=execution_only)
+
+
+def test_other_task_is_refused(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+    setup.train(setup.fresh(), 0, 1, ckpt)
+    ckpt.close()
+    with pytest.raises(IncompatibleCheckpointError, match="task='cobit'.*task='ar'"):
+        Checkpointer(tmp_path, save_every=1, keep=1).restore(
+            setup.abstract, config=dataclasses.replace(setup.cfg, task="ar"))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, setup):

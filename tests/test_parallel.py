@@ -49,7 +49,8 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
     assert logical_to_spec(("embed", "embed")) == jax.P("fsdp", None)
     assert logical_to_spec((None, "bits")) == jax.P(None, None)
     with pytest.raises(ShardingError, match="no rule"):
-        logical_to_spec(("vocab",))
+        logical_to_spec(("no_such_axis",))
+    assert logical_to_spec(("vocab", "embed")) == jax.P(None, "fsdp")  # AR / GPT-2 embeddings
 
 
 def test_indivisible_dimension_names_param_dim_and_axis():

@@ -3,6 +3,8 @@ determinism, optimizer schedule and EMA semantics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,8 +107,7 @@ def test_non_finite_loss_keeps_the_previous_state():
         value, aux = si.loss(params, bits, sigma, key)
         return value * jnp.nan, aux
 
-    fns = si.step_fns()
-    fns = type(fns)(loss=nan_loss, draw_sigma=fns.draw_sigma, update_schedule=fns.update_schedule)
+    fns = dataclasses.replace(si.step_fns(), loss=nan_loss)
     step = jit_train_step(make_train_step(cfg, tx, fns, mesh), mesh, shardings)
     state, metrics = step(state, {"bits": si.batch_bits(0)})
     assert not bool(metrics["finite"])

@@ -9,7 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bitgen.config import DataConfig, ExperimentConfig, MeshConfig, OptimConfig, TrainConfig
+from bitgen.config import (
+    DataConfig,
+    ExperimentConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from bitgen.train.step import StepFns
 
 SEQ_BITS = 24
@@ -44,7 +50,7 @@ def loss(params, bits, sigma, key, *, noisy: bool = True):
     d = jax.nn.sigmoid(h @ params["w_out"])
     mse = jnp.mean((d - x0) ** 2, axis=-1)
     weight = 1.0 / sigma**2 + 4.0
-    return jnp.mean(weight * mse), {"mse_per_sample": mse}
+    return jnp.mean(weight * mse), ({"mse": jnp.mean(mse)}, mse)
 
 
 def init_schedule() -> dict[str, jax.Array]:
@@ -66,8 +72,9 @@ def update_schedule(schedule, sigma, mse, step):
 
 def step_fns(noisy: bool = True) -> StepFns:
     return StepFns(
+        input_key="bits",
         loss=lambda p, b, s, k: loss(p, b, s, k, noisy=noisy),
-        draw_sigma=draw_sigma,
+        draw_cond=draw_sigma,
         update_schedule=update_schedule,
     )
 

@@ -1,8 +1,10 @@
-"""``bitgen train``: train a CoBit model from a config, resumable and preemption-safe.
+"""``bitgen train``: train a CoBit (or, with ``task=ar``, an AR baseline) model from a config,
+resumable and preemption-safe.
 
 Examples::
 
     bitgen train --config demo_cpu
+    bitgen train --config demo_ar_cpu          # the same-size autoregressive baseline
     bitgen train --config cobit_s_lm1b optim.lr=2e-4 --run-dir runs/lm1b --resume
     # multi-host (one command per host; or let JAX detect TPU/SLURM with --multihost):
     bitgen train --config cobit_s_owt --coordinator host0:1234 --num-processes 4 --process-id $I

@@ -16,6 +16,7 @@ step itself refuses non-finite updates, so the state in memory and on disk is ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -32,8 +32,14 @@ from bitgen import parallel
 from bitgen.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
 from bitgen.config import ConfigError, ExperimentConfig, to_dict
 from bitgen.train.optim import make_optimizer
-from bitgen.train.state import TrainState, create_train_state, make_init_fn, state_layout
-from bitgen.train.step import cobit_step_fns, jit_train_step, make_train_step
+from bitgen.train.state import (
+    TrainState,
+    create_train_state,
+    make_init_fn,
+    state_layout,
+)
+from bitgen.train.step import jit_train_step, make_train_step
+from bitgen.train.task import build_task, sample_texts
 
 log = logging.getLogger(__name__)
 
@@ -143,39 +149,52 @@ def _save_table(state: TrainState, run_dir: Path, step: int) -> None:
 
 def _write_samples(cfg: ExperimentConfig, state: TrainState, rows, step: int, run_dir: Path, logger: _Logger) -> None:
     """Draw a few samples with the EMA weights and log them as text."""
-    from bitgen.sampling import build_sampler
-
-    sampler_cfg = cfg.sampler
-    table = None
-    if bool(jax.device_get(state.schedule.table_ready)):
-        table = jax.device_get(state.schedule.table)
-    elif sampler_cfg.grid == "entropic":
-        sampler_cfg = dataclasses.replace(sampler_cfg, grid="karras")  # no table learned yet
-    draw = build_sampler(cfg.model, sampler_cfg, table, cfg.model.seq_bits, cfg.diffusion)
-    n = min(4, sampler_cfg.batch_size)
     key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), step)
-    bits = multihost_utils.process_allgather(draw(state.ema_params, key, n).bits, tiled=True)
+    texts, method = sample_texts(cfg, state, rows, key, min(4, cfg.sampler.batch_size))
     if not logger.enabled:
         return
-    decoded = rows.codec.decode(np.asarray(bits))
-    texts = [rows.decode_text(ids[:length]) for ids, length in zip(decoded.ids, decoded.length)]
     with (run_dir / "samples.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "grid": sampler_cfg.grid, "samples": texts}) + "\n")
+        f.write(json.dumps({"step": step, "method": method, "samples": texts}) + "\n")
     for i, text in enumerate(texts):
         logger.text(f"[sample step {step} #{i}] {text[:300]}")
     if logger.tb is not None:
         logger.tb.add_text("samples", "\n\n".join(texts), step)
 
 
-def _metadata(cfg: ExperimentConfig, mesh, step: int) -> dict[str, Any]:
+def _metadata(cfg: ExperimentConfig, mesh, step: int, vocab_size: int) -> dict[str, Any]:
     return {
         "config": to_dict(cfg),
         "step": step,
+        "vocab_size": vocab_size,
         "bitgen_version": bitgen_version,
         "jax_version": jax.__version__,
         "process_count": jax.process_count(),
         "mesh": dict(mesh.shape),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The compiled pieces of one (config, mesh, vocabulary): built once per process."""
+
+    tx: Any
+    init_fn: Any
+    shardings: TrainState
+    abstract: TrainState
+    step_fn: Any
+    input_key: str
+
+
+@functools.lru_cache(maxsize=4)
+def _program(cfg: ExperimentConfig, mesh, vocab_size: int) -> _Program:
+    # Cached so that a second train() in the same process (a resume, a test, a demo running
+    # several configs) reuses the jitted init/step and their compilations.
+    task = build_task(cfg, vocab_size)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    init_fn = make_init_fn(cfg.train.seed, tx, task.init_params, task.init_schedule)
+    shardings, abstract = state_layout(mesh, init_fn, task.param_axes, tx)
+    step_fn = jit_train_step(make_train_step(cfg, tx, task.step_fns, mesh), mesh, shardings)
+    return _Program(tx, init_fn, shardings, abstract, step_fn, task.step_fns.input_key)
 
 
 def train(
@@ -187,7 +206,13 @@ def train(
     flag: PreemptionFlag | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``cfg`` in ``run_dir`` until ``train.steps`` or a preemption signal.
+    """Train ``cfg`` (``cfg.task``: ``cobit`` or ``ar``) in ``run_dir`` until ``train.steps`` or a
+    preemption signal.
+
+    The jitted init/step are cached per (config, mesh, vocabulary): calling train() again in the
+    same process (resume, several runs) does not recompile. Checkpoint metadata stores
+    ``vocab_size``; ``bitgen.train.state.abstract_params(cfg, vocab_size=...)`` builds the target
+    for ``bitgen.checkpoint.restore_params``.
 
     ``resume``: continue from the latest checkpoint in ``run_dir`` (required when one exists).
     ``flag``: polled at every step boundary; when set, the state is saved and the run returns
@@ -195,8 +220,6 @@ def train(
     """
     from bitgen.data.corpus import build_corpus_rows
     from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
-    from bitgen.diffusion.denoiser import init_params, param_logical_axes
-    from bitgen.diffusion.entropy_schedule import init_schedule_state
 
     run_dir = Path(run_dir)
     flag = flag or PreemptionFlag()
@@ -204,7 +227,7 @@ def train(
     main = _is_main()
 
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens, progress=progress and main)
-    if rows.codec.width != cfg.model.patch_size:
+    if cfg.task == "cobit" and rows.codec.width != cfg.model.patch_size:
         raise ConfigError(
             f"the tokenizer/codec gives {rows.codec.width} bits per token but "
             f"model.patch_size={cfg.model.patch_size}; set model.patch_size={rows.codec.width}"
@@ -214,13 +237,9 @@ def train(
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
 
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init_fn = make_init_fn(
-        cfg.train.seed, tx,
-        lambda key: init_params(key, cfg.model),
-        lambda: init_schedule_state(cfg.entropy, cfg.diffusion),
-    )
-    shardings, abstract = state_layout(mesh, init_fn, param_logical_axes(cfg.model), tx)
+    vocab_size = rows.codec.vocab_size
+    program = _program(cfg, mesh, vocab_size)
+    abstract = program.abstract
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.ckpt_every,
                         keep=cfg.train.keep_checkpoints)
     data_iter = make_batch_iterator(dataset)
@@ -240,13 +259,13 @@ def train(
                 f"next_index={start}); the checkpoint is inconsistent, resume from another step"
             )
     else:
-        state, start = create_train_state(init_fn, shardings), 0
+        state, start = create_train_state(program.init_fn, program.shardings), 0
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logger = _Logger(run_dir, cfg, start, enabled=main, progress=progress)
-    step_fn = jit_train_step(make_train_step(cfg, tx, cobit_step_fns(cfg), mesh), mesh, shardings)
+    step_fn, input_key = program.step_fn, program.input_key
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last: dict[str, Any] = {}
@@ -255,7 +274,7 @@ def train(
     try:
         for step in range(start, cfg.train.steps):
             local = next(data_iter)
-            batch = parallel.global_batch({"bits": local["bits"]}, mesh, cfg.data.batch_size)
+            batch = parallel.global_batch({input_key: local[input_key]}, mesh, cfg.data.batch_size)
             state, metrics = step_fn(state, batch)
             done = step + 1
             pending.append((done, metrics))
@@ -275,12 +294,12 @@ def train(
                 if log_now:
                     last = logger.write(rows_out, time.perf_counter() - window_start, window_steps)
                     window_start, window_steps = time.perf_counter(), 0
-            if cfg.entropy.enabled and done % cfg.entropy.update_every == 0 and main:
-                if bool(jax.device_get(state.schedule.table_ready)):
-                    _save_table(state, run_dir, done)
+            table_due = cfg.task == "cobit" and cfg.entropy.enabled and done % cfg.entropy.update_every == 0
+            if table_due and main and bool(jax.device_get(state.schedule.table_ready)):
+                _save_table(state, run_dir, done)
             if cfg.train.sample_every and done % cfg.train.sample_every == 0 and not preempted:
                 _write_samples(cfg, state, rows, done, run_dir, logger)
-            ckpt.save(done, state, metadata=_metadata(cfg, mesh, done), data_iter=data_iter,
+            ckpt.save(done, state, metadata=_metadata(cfg, mesh, done, vocab_size), data_iter=data_iter,
                       force=save_now)
             if preempted:
                 logger.text(f"preempted: saved step {done} to {ckpt.directory}; resume with --resume")
@@ -296,12 +315,17 @@ def max_param_difference(run_a: str | Path, run_b: str | Path, which: str = "par
     """Largest |a - b| over the parameters of the latest checkpoints of two run directories."""
     from bitgen.checkpoint import restore_params
     from bitgen.config import from_dict
-    from bitgen.diffusion.denoiser import param_shapes
+    from bitgen.train.state import abstract_params
 
-    cfg = from_dict(json.loads((Path(run_a) / "config.json").read_text()))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          param_shapes(cfg.model))
-    a = restore_params(Path(run_a) / "checkpoints", target, which=which)
+    checkpoints = Path(run_a) / "checkpoints"
+    ckpt = Checkpointer(checkpoints, save_every=1, keep=1)
+    try:
+        meta = ckpt.metadata(ckpt.latest_step())
+    finally:
+        ckpt.close()
+    target = abstract_params(from_dict(meta["config"]), vocab_size=meta.get("vocab_size"))
+    a = restore_params(checkpoints, target, which=which)
     b = restore_params(Path(run_b) / "checkpoints", target, which=which)
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    # On the host: one eager device op per leaf would compile one program per leaf shape.
+    a, b = jax.device_get((a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

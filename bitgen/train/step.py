@@ -1,11 +1,12 @@
-"""The pure, jitted training step.
+"""The pure, jitted training step, generic over tasks (CoBit diffusion, AR baseline).
 
 ``train_step(state, batch) -> (state, metrics)``:
-1. key_k = fold_in(state.rng, step); sigma [B] drawn from the entropy-schedule state.
+1. key_k = fold_in(state.rng, step); per-row conditioning (CoBit: sigma [B]) drawn from the
+   schedule state.
 2. loss/grads over ``optim.grad_accum`` micro-batches (a lax.scan summing grads: the same update as
    one large batch; metrics are per global step).
 3. clip + AdamW update, EMA update.
-4. (sigma, per-sample MSE) pushed into the schedule buffer; table rebuilt on its cadence.
+4. The per-row outputs (CoBit: (sigma, per-sample MSE)) update the schedule state.
 5. A non-finite loss or gradient leaves the state unchanged and sets ``metrics['finite']=False``,
    so a NaN never reaches a checkpoint; the loop stops with an error naming the step.
 """
@@ -26,22 +27,35 @@ from bitgen.config import ExperimentConfig
 from bitgen.train.optim import ema_update, learning_rate_schedule
 from bitgen.train.state import TrainState
 
-# (params, bits [b, S] uint8, sigma [b], key) -> (scalar loss, aux with 'mse_per_sample' [b])
-LossFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (params, inputs [b, ...], cond (pytree of [b] arrays), key) ->
+#     (scalar loss, (metrics: dict of scalars, per_row: pytree of [b] arrays))
+LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+
+
+def _no_cond(schedule: Any, key: jax.Array, batch: int, step: jax.Array) -> dict:
+    return {}
+
+
+def _keep_schedule(schedule: Any, cond: Any, per_row: Any, step_after: jax.Array) -> Any:
+    return schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-    """The model-specific pieces of a step (bound to a config by ``cobit_step_fns``).
+    """The task-specific pieces of a step (see ``bitgen.train.task``).
 
-    loss:            see ``LossFn``.
-    draw_sigma:      (schedule, key, batch_size, step) -> sigma [batch_size].
-    update_schedule: (schedule, sigma [B], mse [B], step_after) -> schedule.
+    input_key:       the batch entry the loss reads (``bits`` for CoBit, ``ids`` for AR).
+    loss:            see ``LossFn``; ``metrics`` are averaged over micro-batches.
+    draw_cond:       (schedule, key, batch_size, step) -> per-row conditioning (pytree of [B]).
+    update_schedule: (schedule, cond, per_row [B] pytree, step_after) -> schedule.
+    cond_metrics:    cond -> dict of scalar metrics logged each step.
     """
 
+    input_key: str
     loss: LossFn
-    draw_sigma: Callable[[Any, jax.Array, int, jax.Array], jax.Array]
-    update_schedule: Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
+    draw_cond: Callable[[Any, jax.Array, int, jax.Array], Any] = _no_cond
+    update_schedule: Callable[[Any, Any, Any, jax.Array], Any] = _keep_schedule
+    cond_metrics: Callable[[Any], dict[str, jax.Array]] = lambda cond: {}
 
 
 def _split_micro(x: jax.Array, accum: int) -> jax.Array:
@@ -76,33 +90,34 @@ def make_train_step(
         return x if micro_sharding is None else jax.lax.with_sharding_constraint(x, micro_sharding)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        bits = batch["bits"]
-        global_batch = bits.shape[0]
+        inputs = batch[fns.input_key]
+        global_batch = inputs.shape[0]
         if global_batch % accum:
             raise ValueError(
                 f"batch of {global_batch} rows is not divisible by optim.grad_accum={accum}"
             )
         step_key = jax.random.fold_in(state.rng, state.step)
-        sigma_key, loss_key = jax.random.split(step_key)
-        sigma = fns.draw_sigma(state.schedule, sigma_key, global_batch, state.step)
+        cond_key, loss_key = jax.random.split(step_key)
+        cond = fns.draw_cond(state.schedule, cond_key, global_batch, state.step)
         grad_fn = jax.value_and_grad(fns.loss, has_aux=True)
 
-        def micro_step(grad_sum, inputs):
-            index, bits_mb, sigma_mb = inputs
-            (loss, aux), grads = grad_fn(state.params, bits_mb, sigma_mb, jax.random.fold_in(loss_key, index))
+        def micro_step(grad_sum, xs):
+            index, inputs_mb, cond_mb = xs
+            (loss, aux), grads = grad_fn(state.params, inputs_mb, cond_mb, jax.random.fold_in(loss_key, index))
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return grad_sum, (loss, aux["mse_per_sample"])
+            return grad_sum, (loss, aux)
+
+        def split(x):
+            return constrain(_split_micro(x, accum))
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, (losses, mse) = jax.lax.scan(
-            micro_step,
-            zeros,
-            (jnp.arange(accum), constrain(_split_micro(bits, accum)), constrain(_split_micro(sigma, accum))),
+        grad_sum, (losses, (micro_metrics, per_row)) = jax.lax.scan(
+            micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond)),
         )
         # Equal-size micro-batches: the mean of micro-batch means is the full-batch mean.
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         loss = jnp.mean(losses)
-        mse = _merge_micro(mse)
+        per_row = jax.tree.map(_merge_micro, per_row)
         grad_norm = optax.tree.norm(grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -113,7 +128,7 @@ def make_train_step(
             params=params,
             opt_state=opt_state,
             ema_params=ema_update(state.ema_params, params, cfg.optim.ema_decay),
-            schedule=fns.update_schedule(state.schedule, sigma, mse, new_step),
+            schedule=fns.update_schedule(state.schedule, cond, per_row, new_step),
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Keep the previous state on a non-finite step. The key never changes, so it is carried
@@ -127,8 +142,8 @@ def make_train_step(
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr_at(state.step),
-            "mse": jnp.mean(mse),
-            "sigma_median": jnp.median(sigma),
+            **jax.tree.map(jnp.mean, micro_metrics),
+            **fns.cond_metrics(cond),
             "finite": finite,
         }
         return kept, metrics
@@ -141,30 +156,13 @@ def jit_train_step(
     mesh: Mesh,
     state_shardings: TrainState,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """jit with explicit shardings; the input state is donated (updated in place)."""
-    batch_sh = {"bits": parallel.batch_sharding(mesh)}
+    """jit with explicit shardings; the input state is donated (updated in place).
+
+    Every batch entry is split on its leading (row) dimension over the data-parallel axes.
+    """
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sh),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-
-
-def cobit_step_fns(cfg: ExperimentConfig) -> StepFns:
-    """The CoBit pieces: binary score-matching loss and the entropy-rate sigma schedule."""
-    from bitgen.diffusion import entropy_schedule as es
-    from bitgen.diffusion.loss import diffusion_loss
-
-    def loss(params, bits, sigma, key):
-        return diffusion_loss(params, bits, sigma, key, model_cfg=cfg.model,
-                              diffusion_cfg=cfg.diffusion, train=True)
-
-    def draw_sigma(schedule, key, batch, step):
-        return es.draw_training_sigma(schedule, key, batch, step, cfg.entropy, cfg.diffusion)
-
-    def update_schedule(schedule, sigma, mse, step_after):
-        # The table is rebuilt when the number of completed updates hits the cadence.
-        return es.maybe_rebuild(es.push_samples(schedule, sigma, mse), step_after, cfg.entropy)
-
-    return StepFns(loss=loss, draw_sigma=draw_sigma, update_schedule=update_schedule)
