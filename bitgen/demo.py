@@ -1,0 +1,153 @@
+"""``bitgen demo``: the whole CoBit story on the embedded corpus, on a laptop CPU, in one command.
+
+Stages (each prints what it does; finished work in ``--work-dir`` is reused, so an interrupted
+demo continues where it stopped — training resumes from its last checkpoint, scored points are
+read back from ``eval/results.jsonl``):
+
+1. train a small CoBit (``configs/demo_cpu.py``)            -> <work>/cobit
+2. train a same-size AR baseline (``configs/demo_ar_cpu.py``) -> <work>/ar
+3. train a larger AR evaluator (``configs/demo_ar_eval_cpu.py``) -> <work>/ar_eval
+4. sample CoBit (deterministic PF-ODE and stochastic churn at the config's NFE) and AR, score
+   GenPPL under the evaluator and unigram entropy, add the held-out real-data row
+5. print the table; write <work>/eval/{results.jsonl,table.csv,frontier.png}
+
+``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
+so short a run has not learned an entropy table yet) in ``runs/demo_quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+# (stage name, config, sub-directory, what it is)
+STAGES = (
+    ("cobit", "demo_cpu", "cobit", "small CoBit bitstream-diffusion model"),
+    ("ar", "demo_ar_cpu", "ar", "same-size autoregressive baseline"),
+    ("evaluator", "demo_ar_eval_cpu", "ar_eval", "larger AR model used as the GenPPL evaluator"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Everything the demo will do; ``plan(quick)`` builds it (pure, so tests can inspect it)."""
+
+    work_dir: Path
+    train_overrides: tuple[str, ...]  # applied to every training config
+    sampler_points: tuple[tuple[str, ...], ...]  # CoBit sampler override sets to score
+    seeds: tuple[int, ...]
+    num: int
+    ar_temperatures: tuple[float, ...]
+
+
+def plan(quick: bool, work_dir: str | None = None, *, seeds: tuple[int, ...] | None = None,
+         num: int | None = None) -> DemoPlan:
+    """The demo's stages as data: full (minutes on 2 cores) or ``quick`` (a smoke test)."""
+    if quick:
+        return DemoPlan(
+            work_dir=Path(work_dir or "runs/demo_quick"),
+            train_overrides=("train.steps=12", "train.ckpt_every=12", "train.log_every=4",
+                             "optim.warmup_steps=4", "train.sample_every=0"),
+            sampler_points=(("sampler.grid=karras", "sampler.nfe=8", "sampler.gamma=0"),
+                            ("sampler.grid=karras", "sampler.nfe=8", "sampler.gamma=0.2")),
+            seeds=seeds or (0,), num=num or 8, ar_temperatures=(1.0,))
+    # The configs' own NFE/γ: the deterministic PF-ODE against the headline stochastic sampler.
+    return DemoPlan(
+        work_dir=Path(work_dir or "runs/demo"), train_overrides=(),
+        sampler_points=(("sampler.gamma=0",), ()),
+        seeds=seeds or (0, 1, 2), num=num or 64, ar_temperatures=(1.0,))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", help="where runs and results go (default runs/demo, "
+                                           "runs/demo_quick with --quick); reused on re-runs")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version (about a minute)")
+    parser.add_argument("--seeds", type=lambda s: tuple(int(v) for v in s.split(",") if v),
+                        help="sampling seeds (default 0,1,2; --quick: 0)")
+    parser.add_argument("--num", type=int, help="samples per point and seed (default 64; --quick: 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def train_stage(config: str, run_dir: Path, overrides: tuple[str, ...], *, flag, progress: bool) -> bool:
+    """Train (or resume, or find finished) one run; returns False when a signal stopped it."""
+    from bitgen.config import load_config
+    from bitgen.train.loop import train
+
+    cfg = load_config(config, list(overrides))
+    result = train(cfg, run_dir, resume=True, flag=flag, progress=progress)
+    return not result.preempted
+
+
+def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict], int | None]:
+    """Run the plan; returns (aggregated table, signal number if interrupted else None)."""
+    import logging
+
+    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.eval.plot import plot_frontier
+    from bitgen.eval.sample_cli import load_model
+    from bitgen.eval.sweep import (
+        aggregate,
+        format_table,
+        load_evaluator,
+        reference_point,
+        run_sweep,
+        write_csv,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    total = len(STAGES) + 2
+    started = time.perf_counter()
+    with PreemptionFlag() as flag:
+        for i, (_, config, sub, what) in enumerate(STAGES, 1):
+            log(f"[{i}/{total}] training the {what} (configs/{config}.py) in {p.work_dir / sub} "
+                f"[{time.perf_counter() - started:.0f} s]")
+            if not train_stage(config, p.work_dir / sub, p.train_overrides, flag=flag, progress=progress):
+                log("stopped by a signal after saving a checkpoint; re-run the same command to continue")
+                return [], flag.signum
+        log(f"[{total - 1}/{total}] sampling and scoring ({len(p.seeds)} seeds × {p.num} samples per "
+            f"point) [{time.perf_counter() - started:.0f} s]")
+        results = p.work_dir / "eval" / "results.jsonl"
+        cobit = load_model(str(p.work_dir / "cobit"))
+        evaluator = load_evaluator(str(p.work_dir / "ar_eval"))
+        rows = [reference_point(cobit, evaluator, p.num, results)]
+        rows += run_sweep(cobit, evaluator, results, points=p.sampler_points, seeds=p.seeds,
+                          num=p.num, batch_size=p.num, flag=flag, progress=progress, log=log)
+        ar = load_model(str(p.work_dir / "ar"))
+        rows += run_sweep(ar, evaluator, results, seeds=p.seeds, num=p.num,
+                          temperatures=p.ar_temperatures, batch_size=p.num, flag=flag,
+                          progress=progress, log=log)
+        if flag.requested:
+            log("stopped by a signal; scored points are kept, re-run the same command to continue")
+            return [], flag.signum
+    table = aggregate(rows)
+    write_csv(table, p.work_dir / "eval" / "table.csv")
+    plot_frontier(table, p.work_dir / "eval" / "frontier.png",
+                  title="bitgen demo: CoBit vs AR on the embedded corpus")
+    log(f"[{total}/{total}] results (GenPPL under {evaluator.name}; entropy in nats; mean ± std "
+        f"over seeds) [{time.perf_counter() - started:.0f} s]")
+    log(format_table(table))
+    log(f"table: {p.work_dir / 'eval' / 'table.csv'}   plot: {p.work_dir / 'eval' / 'frontier.png'}")
+    return table, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitgen.checkpoint import CheckpointError
+    from bitgen.config import ConfigError
+    from bitgen.eval.sample_cli import SampleError
+
+    p = plan(args.quick, args.work_dir, seeds=args.seeds, num=args.num)
+    try:
+        _, signum = run_demo(p, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, SampleError) as err:
+        print(f"bitgen demo: {err}", file=sys.stderr)
+        return 1
+    return 128 + signum if signum is not None else 0

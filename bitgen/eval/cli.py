@@ -1,0 +1,119 @@
+"""``bitgen eval``: sweep a CoBit run over samplers × grids × NFE × γ and score every point.
+
+Examples::
+
+    bitgen eval --run-dir runs/demo/cobit --evaluator runs/demo/ar_eval \\
+        --sweep "name=ddim grid=entropic,karras nfe=32,64,128 gamma=0,0.1,0.2,0.3" \\
+        --seeds 0,1,2 --num 64 --ar-run runs/demo/ar --ar-temperatures 0.8,0.9,1.0
+    bitgen eval --run-dir runs/owt --evaluator gpt2:~/models/gpt2-large --sweep "gamma=0.13" --num 1024
+
+Writes to ``--out-dir`` (default ``<run-dir>/eval``): ``results.jsonl`` (one row per point and
+seed: GenPPL, entropy, seed, settings, n samples, seconds; reused on re-runs), ``table.csv``
+(mean ± std over seeds) and ``frontier.png``; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bitgen.eval.sample_cli import add_model_arguments
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--evaluator", required=True,
+                        help="GenPPL evaluator: an AR run directory (task=ar), gpt2:DIR, or none "
+                             "(only draw and cache the samples, to score later)")
+    parser.add_argument("--sweep", default="",
+                        help='sampler grid, e.g. "name=ddim,heun grid=entropic,karras nfe=32,64 '
+                             'gamma=0,0.1,0.2 window_q=0:1,0.1:0.9" (default: the run\'s sampler)')
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default 0)")
+    parser.add_argument("--num", type=int, default=64, help="samples per point and seed")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="sampler micro-batch (default 64; 0 = the run's sampler.batch_size)")
+    parser.add_argument("--reference-num", type=int, default=None,
+                        help="held-out rows for the real-data point (default: --num; 0 = skip)")
+    parser.add_argument("--ar-run", help="also score an AR baseline run at --ar-temperatures")
+    parser.add_argument("--ar-temperatures", type=_floats, default=[1.0])
+    parser.add_argument("--out-dir", help="output directory (default: <run-dir>/eval)")
+
+
+def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | None]:
+    """Run the sweep of parsed ``bitgen eval`` arguments.
+
+    Returns (aggregated table, signal number when a signal stopped it early, else None).
+    """
+    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.eval.plot import plot_frontier
+    from bitgen.eval.sample_cli import load_model
+    from bitgen.eval.sweep import (
+        aggregate,
+        format_table,
+        load_evaluator,
+        parse_sweep,
+        reference_point,
+        run_sweep,
+        write_csv,
+    )
+
+    points = parse_sweep(args.sweep)
+    model = load_model(args.run_dir, args.checkpoint, config=args.config, table=args.table,
+                       weights=args.weights)
+    out_dir = Path(args.out_dir or Path(args.run_dir or args.checkpoint) / "eval")
+    results = out_dir / "results.jsonl"
+    log(f"evaluator: {args.evaluator}")
+    evaluator = None if args.evaluator == "none" else load_evaluator(args.evaluator)
+    rows = []
+    reference_num = args.num if args.reference_num is None else args.reference_num
+    if reference_num and evaluator is not None:
+        rows.append(reference_point(model, evaluator, reference_num, results))
+        log(f"  real data ({rows[-1]['n']} held-out rows): GenPPL {rows[-1]['genppl']:.2f}, "
+            f"entropy {rows[-1]['entropy']:.3f}")
+    with PreemptionFlag() as flag:
+        log(f"sweep: {len(points)} sampler settings × {len(args.seeds)} seeds × {args.num} samples")
+        # An AR --run-dir is swept at --temperature/--top-p (CoBit runs ignore both).
+        rows += run_sweep(model, evaluator, results, points=points, seeds=args.seeds, num=args.num,
+                          temperatures=(args.temperature,), top_p=args.top_p,
+                          batch_size=args.batch_size, flag=flag, progress=not args.no_progress, log=log)
+        if args.ar_run and not flag.requested:
+            ar_model = load_model(args.ar_run, weights=args.weights)
+            rows += run_sweep(ar_model, evaluator, results, seeds=args.seeds, num=args.num,
+                              temperatures=args.ar_temperatures, top_p=args.top_p,
+                              batch_size=args.batch_size, flag=flag, progress=not args.no_progress,
+                              log=log)
+    if evaluator is None:
+        log(f"drew the samples into {out_dir / 'samples'}; score them with --evaluator")
+        return [], flag.signum
+    table = aggregate(rows)
+    write_csv(table, out_dir / "table.csv")
+    plot_frontier(table, out_dir / "frontier.png")
+    log(format_table(table))
+    log(f"wrote {results}, {out_dir / 'table.csv'}, {out_dir / 'frontier.png'}")
+    return table, flag.signum
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitgen.config import ConfigError
+    from bitgen.diffusion.entropy_schedule import EntropyTableError
+    from bitgen.eval.sample_cli import SampleError
+
+    try:
+        _, signum = evaluate(args)
+    except (SampleError, ConfigError, EntropyTableError, ValueError) as err:
+        print(f"bitgen eval: {err}", file=sys.stderr)
+        return 1
+    if signum is not None:
+        print("bitgen eval: stopped by a signal; finished points are in results.jsonl and a re-run "
+              "continues from them", file=sys.stderr)
+        return 128 + signum
+    return 0

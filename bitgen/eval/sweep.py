@@ -1,0 +1,355 @@
+"""Sampler sweeps: samples -> GenPPL and unigram entropy per operating point, over seeds (spec §6).
+
+Pieces, from pure to I/O:
+
+* ``parse_sweep(spec)`` — ``"name=ddim,heun grid=entropic,karras nfe=32,64 gamma=0,0.2"`` -> the
+  cartesian product as lists of ``sampler.*`` overrides (``window_q`` values are written ``lo:hi``).
+* ``score_samples(texts, ids, evaluator)`` — GenPPL (re-tokenised with the evaluator's tokenizer,
+  no BOS, windowed token-weighted corpus perplexity, §6.1) and mean per-sample unigram entropy of
+  the generator's token ids (§6.2).
+* ``aggregate(rows)`` — mean ± std over seeds of every operating point (pure).
+* ``load_evaluator(spec)`` — a trained AR run directory or ``gpt2:DIR`` (Hugging Face GPT-2 files).
+* ``run_sweep(...)`` — draws and scores every (point, seed), appending each result to a JSONL
+  file as soon as it is known; rows already in the file are reused, so an interrupted sweep
+  continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitgen.eval.metrics import gen_ppl, mean_unigram_entropy
+from bitgen.eval.sample_cli import (
+    LoadedModel,
+    Sample,
+    SampleError,
+    generate,
+    sampler_settings_dict,
+    write_samples,
+)
+
+# Fields that identify an operating point (everything except the seed and the measurements).
+POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
+              "temperature", "top_p", "step")
+METRIC_KEYS = ("genppl", "entropy", "n_invalid_mean", "seconds")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A GenPPL scorer: ``encode(text) -> ids`` (no BOS), a jitted ``score(ids, mask)`` and its
+    context ``window`` (tokens)."""
+
+    name: str
+    encode: Callable[[str], Sequence[int]]
+    score: Callable
+    window: int
+
+
+def parse_sweep(spec: str) -> list[list[str]]:
+    """``"key=v1,v2 key2=w1"`` -> one list of ``sampler.key=value`` overrides per combination.
+
+    Keys are SamplerConfig fields (``sampler.`` prefix optional). ``window_q`` values are written
+    ``lo:hi`` because commas separate values. ``;`` joins several such grids (their union, in
+    order). An empty spec gives one empty combination.
+    """
+    if ";" in spec:
+        return [p for part in spec.split(";") for p in parse_sweep(part)]
+    from bitgen.config import SamplerConfig
+
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    axes: list[list[str]] = []
+    for item in spec.split():
+        if "=" not in item:
+            raise ValueError(f"sweep item {item!r} must look like key=v1,v2 (e.g. gamma=0,0.1,0.2)")
+        key, values = item.split("=", 1)
+        key = key.removeprefix("sampler.")
+        if key not in fields:
+            raise ValueError(f"sweep key {key!r} is not a sampler field; valid: {sorted(fields)}")
+        options = [v for v in values.split(",") if v]
+        if not options:
+            raise ValueError(f"sweep key {key!r} has no values")
+        axes.append([f"sampler.{key}={v.replace(':', ',')}" for v in options])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def score_samples(texts: Sequence[str], ids: Sequence[Sequence[int]], evaluator: Evaluator, *,
+                  batch_size: int = 16) -> tuple[float, float]:
+    """(GenPPL under ``evaluator``, mean unigram entropy in nats of the generator's ids)."""
+    result = gen_ppl(list(texts), evaluator.encode, _pow2_windows(evaluator.score, evaluator.window),
+                     window=evaluator.window, batch_size=batch_size,
+                     min_bucket=min(64, evaluator.window))
+    return result.ppl, mean_unigram_entropy([np.asarray(i) for i in ids])
+
+
+def _pow2_windows(score: Callable, window: int) -> Callable:
+    """``score`` on inputs right-padded to a power-of-two number of windows.
+
+    Padding is masked out, so the NLL is unchanged; it caps the scorer's compilations at
+    log2(longest/window) shapes instead of one per window count (garbled samples re-tokenise to
+    many different lengths).
+    """
+
+    def padded(ids, mask):
+        length = ids.shape[1]
+        n_windows = -(-length // window)
+        target = window * (1 << max(0, n_windows - 1).bit_length())
+        if target > length:
+            ids = np.pad(np.asarray(ids), ((0, 0), (0, target - length)))
+            mask = np.pad(np.asarray(mask), ((0, 0), (0, target - length)))
+        return score(ids, mask)
+
+    return padded
+
+
+def point_key(row: dict[str, Any]) -> tuple:
+    return tuple(json.dumps(row.get(k)) for k in POINT_KEYS)
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group rows by operating point; mean and (population) std over seeds of each metric.
+
+    Returns one dict per point, in first-seen order, with the point keys, ``seeds`` (list),
+    ``n`` (samples per seed) and ``<metric>_mean`` / ``<metric>_std``.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(point_key(row), []).append(row)
+    table = []
+    for members in groups.values():
+        out = {k: members[0].get(k) for k in POINT_KEYS}
+        out["seeds"] = sorted(m["seed"] for m in members)
+        out["n"] = members[0]["n"]
+        for metric in METRIC_KEYS:
+            values = np.asarray([m[metric] for m in members if m.get(metric) is not None], np.float64)
+            out[f"{metric}_mean"] = float(values.mean()) if values.size else None
+            out[f"{metric}_std"] = float(values.std()) if values.size else None
+        table.append(out)
+    return table
+
+
+def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The aggregated table as CSV (lists and tuples written as JSON)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(POINT_KEYS) + ["seeds", "n"] + [f"{m}_{s}" for m in METRIC_KEYS for s in ("mean", "std")]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+                             for k, v in row.items() if k in columns})
+    return path
+
+
+def format_table(table: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width text table (what ``bitgen eval``/``bitgen demo`` print)."""
+    header = f"{'model':<10} {'sampler':<28} {'NFE':>4} {'GenPPL':>16} {'entropy':>14} {'seeds':>5} {'n':>4}"
+    lines = [header, "-" * len(header)]
+    for row in table:
+        lines.append(f"{row['model']:<10} {describe_point(row):<28} {row['nfe'] or '':>4} "
+                     f"{_pm(row['genppl_mean'], row['genppl_std'], 2):>16} "
+                     f"{_pm(row['entropy_mean'], row['entropy_std'], 3):>14} "
+                     f"{len(row['seeds']):>5} {row['n']:>4}")
+    return "\n".join(lines)
+
+
+def describe_point(row: dict[str, Any]) -> str:
+    """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows"."""
+    if row["model"] == "real data":
+        return "held-out rows"
+    if row["model"] == "ar":
+        return f"T={row['temperature']:g} top-p={row['top_p']:g}"
+    churn = f"γ={row['gamma']:g}" if row["gamma"] else "PF-ODE (γ=0)"
+    return f"{row['name']} {row['grid']} {churn}{window_label(row)}"
+
+
+def window_label(row: dict[str, Any]) -> str:
+    """"" for full-band churn (q in [0, 1]), else " q=lo-hi"."""
+    lo, hi = row["window_q"]
+    return "" if (lo, hi) == (0.0, 1.0) else f" q={lo:g}-{hi:g}"
+
+
+def _pm(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# I/O: evaluators, reference rows, the sweep driver
+
+
+def load_evaluator(spec: str) -> Evaluator:
+    """``gpt2:DIR`` (HF GPT-2 config.json + weights + tokenizer.json) or an AR run directory."""
+    import jax
+
+    if spec.startswith("gpt2:"):
+        from bitgen.nn import gpt2
+
+        model_dir = spec.removeprefix("gpt2:")
+        try:
+            params, cfg = gpt2.load_gpt2(model_dir)
+            encode = gpt2.load_gpt2_encoder(model_dir)
+        except FileNotFoundError as err:
+            raise SampleError(f"evaluator {spec!r}: {err}") from err
+        _check_tokenizer(spec, encode, cfg.vocab_size)
+        score = jax.jit(functools.partial(gpt2.sequence_nll, params, cfg=cfg))
+        return Evaluator(spec, encode, score, cfg.n_positions)
+    from bitgen.eval.sample_cli import load_model
+    from bitgen.nn import ar
+    from bitgen.train.task import ar_config
+
+    model = load_model(spec)
+    if model.task != "ar":
+        raise SampleError(f"evaluator run {spec} is a {model.task!r} run; an evaluator must be an AR "
+                          "run (task=ar, e.g. configs/demo_ar_eval_cpu.py) or gpt2:DIR")
+    cfg = ar_config(model.cfg, model.rows.codec.vocab_size)
+    tokenizer = model.rows.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    _check_tokenizer(spec, encode, cfg.vocab_size)
+    score = jax.jit(functools.partial(ar.sequence_nll, model.params, cfg=cfg))
+    # The step is part of the name so rows scored by an earlier checkpoint are not reused.
+    return Evaluator(f"{spec}@{model.step}", encode, score, cfg.seq_len)
+
+
+def _check_tokenizer(spec: str, encode: Callable[[str], Sequence[int]], vocab_size: int) -> None:
+    """An evaluator whose tokenizer emits ids beyond its embedding table cannot score text."""
+    probe = encode("The quick brown fox, 42 times! Ünïcödé text\n")
+    if not probe or max(probe) >= vocab_size:
+        raise SampleError(f"evaluator {spec}: its tokenizer produces ids up to {max(probe, default=-1)} "
+                          f"but the model has {vocab_size} embeddings; the tokenizer and weights do not "
+                          "belong together")
+
+
+def reference_row(model: LoadedModel, evaluator: Evaluator, num: int) -> dict[str, Any]:
+    """The real-data point: the first ``num`` held-out rows decoded through the same pipeline."""
+    val = np.asarray(model.rows.val_rows[:num])
+    if len(val) == 0:
+        raise SampleError("the run's corpus has no held-out rows (data.val_fraction=0); the "
+                          "real-data reference needs some")
+    start = time.perf_counter()
+    texts = [model.rows.decode_text(r) for r in val]
+    ppl, entropy = score_samples(texts, list(val), evaluator)
+    return {**{k: None for k in POINT_KEYS}, "model": "real data", "evaluator": evaluator.name,
+            "seed": 0, "n": len(val),
+            "genppl": ppl, "entropy": entropy, "n_invalid_mean": 0.0,
+            "seconds": time.perf_counter() - start}
+
+
+def reference_point(model: LoadedModel, evaluator: Evaluator, num: int, out_jsonl: Path) -> dict[str, Any]:
+    """``reference_row``, reused from ``out_jsonl`` when already there, else computed and appended."""
+    want = min(num, len(model.rows.val_rows))
+    for row in read_rows(out_jsonl):
+        if row["model"] == "real data" and row["n"] == want and row["evaluator"] == evaluator.name:
+            return row
+    row = reference_row(model, evaluator, num)
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with out_jsonl.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _row_for(model: LoadedModel, sampler_cfg, temperature: float, top_p: float) -> dict[str, Any]:
+    settings = sampler_settings_dict(model, sampler_cfg, temperature=temperature, top_p=top_p)
+    row = {k: settings.get(k) for k in POINT_KEYS}
+    row["model"] = model.task
+    return row
+
+
+def _samples_file(samples_dir: Path, row: dict[str, Any], seed: int, num: int, batch: int) -> Path:
+    """Where the samples of one (point, seed, n, micro-batch) are cached (the evaluator is not part
+    of the name: the same samples can be scored under any evaluator)."""
+    import hashlib
+
+    identity = json.dumps([point_key({**row, "evaluator": None}), seed, num, batch])
+    return samples_dir / f"{row['model']}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _read_samples(path: Path) -> tuple[list[Sample], float | None]:
+    """Cached samples and the seconds it took to draw them."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    samples = [Sample(r["text"], tuple(r["ids"]), r["bits"], r["n_invalid"], r["seed"], r["index"])
+               for r in records]
+    return samples, records[0]["settings"].get("draw_seconds") if records else None
+
+
+def run_sweep(model: LoadedModel, evaluator: Evaluator | None, out_jsonl: Path, *,
+              points: Sequence[Sequence[str]] = ((),), seeds: Sequence[int] = (0,), num: int = 64,
+              temperatures: Sequence[float] = (1.0,), top_p: float = 1.0, batch_size: int | None = None,
+              flag=None, progress: bool = True,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Draw and score ``num`` samples per (point, seed); returns this sweep's rows.
+
+    CoBit models sweep ``points`` (lists of sampler overrides); AR models sweep ``temperatures``.
+    ``batch_size`` (micro-batch of the sampler) defaults to the run's ``sampler.batch_size``.
+    Samples are cached under ``<out_jsonl dir>/samples/`` (``write_samples`` format) and scored
+    rows are appended to ``out_jsonl`` as soon as known; both are reused on a re-run, so an
+    interrupted sweep continues and a new evaluator rescores without redrawing. ``evaluator=None``
+    only draws and caches. Stops early (returning what is done) when ``flag`` is set.
+    """
+    from bitgen.config import apply_overrides
+
+    done = {(point_key(r), r["seed"], r["n"]): r for r in read_rows(out_jsonl)}
+    if model.task == "ar":
+        configs = [(model.cfg.sampler, t) for t in temperatures]
+    else:
+        configs = [(apply_overrides(model.cfg, list(p)).sampler, 1.0) for p in points]
+    if batch_size:
+        configs = [(dataclasses.replace(c, batch_size=batch_size), t) for c, t in configs]
+    rows = []
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    for sampler_cfg, temperature in configs:
+        for seed in seeds:
+            if flag is not None and flag.requested:
+                return rows
+            row = _row_for(model, sampler_cfg, temperature, top_p)
+            row["evaluator"] = evaluator.name if evaluator else None
+            cached = done.get((point_key(row), seed, num))
+            if cached is not None:
+                rows.append(cached)
+                continue
+            cache = _samples_file(out_jsonl.parent / "samples", row, seed, num, sampler_cfg.batch_size)
+            start = time.perf_counter()
+            samples, seconds = _read_samples(cache) if cache.is_file() else ([], None)
+            if len(samples) != num:  # absent, or cut short while being written
+                samples = generate(model, num, seed, sampler_cfg, temperature=temperature,
+                                   top_p=top_p, flag=flag, progress=progress)
+                if len(samples) < num:  # interrupted mid-point: record nothing partial
+                    return rows
+                seconds = time.perf_counter() - start
+                settings = sampler_settings_dict(model, sampler_cfg, temperature=temperature, top_p=top_p)
+                write_samples(samples, cache.with_suffix(".txt"), {**settings, "draw_seconds": seconds})
+            if evaluator is None:
+                log(f"  {row['model']} {describe_point(row)} nfe={row['nfe']} seed={seed}: drew {num} "
+                    f"samples ({time.perf_counter() - start:.1f} s)")
+                continue
+            ppl, entropy = score_samples([s.text for s in samples], [s.ids for s in samples], evaluator)
+            row.update(seed=seed, n=num, genppl=ppl, entropy=entropy, seconds=seconds,
+                       n_invalid_mean=float(np.mean([s.n_invalid for s in samples])))
+            with out_jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            log(f"  {row['model']} {describe_point(row)} nfe={row['nfe']} seed={seed}: "
+                f"GenPPL {ppl:.2f}, entropy {entropy:.3f} ({time.perf_counter() - start:.1f} s)")
+    return rows
+

@@ -1,0 +1,80 @@
+"""`bitgen demo`: the plan, the sampling/scoring/table stage on stand-in runs (training replaced by
+tiny random-parameter runs, so it is fast), resuming, and the real quick demo (slow)."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from test_eval_cli import _save_run
+
+from bitgen import cli, demo
+from bitgen.config import DataConfig, ExperimentConfig, ModelConfig, SamplerConfig
+
+
+def test_plan_compares_pf_ode_with_churn_over_several_seeds():
+    full = demo.plan(False)
+    assert str(full.work_dir) == "runs/demo" and len(full.seeds) >= 3 and full.num >= 64
+    assert ("sampler.gamma=0",) in full.sampler_points and () in full.sampler_points
+    quick = demo.plan(True)
+    assert str(quick.work_dir) == "runs/demo_quick" and quick.num < full.num
+    # A few training steps learn no entropy table, so the smoke run must not ask for the entropic grid.
+    assert all("sampler.grid=karras" in p for p in quick.sampler_points)
+    assert demo.plan(False, "elsewhere", seeds=(4,), num=5).work_dir.name == "elsewhere"
+
+
+@pytest.fixture()
+def stand_in_training(tmp_path, monkeypatch):
+    """Replace training by writing tiny random-parameter runs with each stage's task."""
+    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.diffusion.denoiser import init_params
+    from bitgen.nn.ar import init_ar_params
+    from bitgen.train.task import ar_config
+
+    (tmp_path / "tiny.txt").write_text("".join(f"a {w} line {i} of text.\n" for i in range(300)
+                                               for w in ("x", "y")))
+    data = DataConfig(source=str(tmp_path / "tiny.txt"), vocab_size=300, batch_size=4,
+                      val_fraction=0.05, cache_dir=str(tmp_path / "cache"))
+    model = ModelConfig(patch_size=9, seq_tokens=8, embed_dim=16, n_heads=2, n_blocks=1, dim_ff=32,
+                        content_dim=8, head_hidden=8, dropout=0.0)
+    calls = []
+
+    def fake_train(config, run_dir, overrides, *, flag, progress):
+        calls.append(config)
+        if run_dir.exists():
+            return True
+        if config == "demo_cpu":
+            cfg = ExperimentConfig(model=model, data=data,
+                                   sampler=SamplerConfig(nfe=4, batch_size=4, grid="karras"))
+            _save_run(run_dir, cfg, init_params(jax.random.key(0), model))
+        else:
+            cfg = ExperimentConfig(task="ar", model=model, data=data, sampler=SamplerConfig(batch_size=4))
+            vocab = build_corpus_rows(data, model.seq_tokens).codec.vocab_size
+            _save_run(run_dir, cfg, init_ar_params(jax.random.key(1), ar_config(cfg, vocab)))
+        return True
+
+    monkeypatch.setattr(demo, "train_stage", fake_train)
+    return calls
+
+
+def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_training, tmp_path, capsys):
+    p = demo.DemoPlan(work_dir=tmp_path / "work", train_overrides=(),
+                      sampler_points=(("sampler.gamma=0",), ("sampler.gamma=0.3",)), seeds=(0, 1),
+                      num=4, ar_temperatures=(1.0,))
+    table, signum = demo.run_demo(p, progress=False)
+    assert signum is None
+    assert stand_in_training == ["demo_cpu", "demo_ar_cpu", "demo_ar_eval_cpu"]
+    assert [r["model"] for r in table] == ["real data", "cobit", "cobit", "ar"]
+    assert all(r["seeds"] == [0, 1] for r in table[1:])
+    out = capsys.readouterr().out
+    assert "[1/5] training" in out and "[5/5] results" in out and "PF-ODE" in out and "γ=0.3" in out
+    assert (tmp_path / "work" / "eval" / "frontier.png").is_file()
+    results = (tmp_path / "work" / "eval" / "results.jsonl").read_text().splitlines()
+    again, _ = demo.run_demo(p, progress=False)  # everything is reused, nothing is redrawn
+    assert (tmp_path / "work" / "eval" / "results.jsonl").read_text().splitlines() == results
+    assert [r["genppl_mean"] for r in again] == [r["genppl_mean"] for r in table]
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    assert cli.main(["demo", "--quick", "--work-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert (tmp_path / "demo" / "eval" / "table.csv").is_file()

@@ -1,0 +1,251 @@
+"""`bitgen sample` / `bitgen eval`: sweep parsing, aggregation, scoring, tables and plots, and the
+commands end to end on tiny randomly initialised runs (no training, so the suite stays fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitgen import cli
+from bitgen.checkpoint import Checkpointer
+from bitgen.codecs import BitCodec
+from bitgen.config import (
+    DataConfig,
+    ExperimentConfig,
+    ModelConfig,
+    SamplerConfig,
+    to_dict,
+)
+from bitgen.eval import plot, sweep
+from bitgen.eval.metrics import windowed_sequence_nll
+from bitgen.eval.sample_cli import SampleError, decode_samples, load_model
+from bitgen.train.task import ar_config
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_parse_sweep_is_the_cartesian_product_of_sampler_overrides():
+    points = sweep.parse_sweep("name=ddim,heun sampler.nfe=32,64,128 gamma=0,0.2 window_q=0:1,0.1:0.9")
+    assert len(points) == 2 * 3 * 2 * 2
+    assert points[0] == ["sampler.name=ddim", "sampler.nfe=32", "sampler.gamma=0", "sampler.window_q=0,1"]
+    assert len({tuple(p) for p in points}) == len(points)
+    assert sweep.parse_sweep("") == [[]]
+    union = sweep.parse_sweep("grid=entropic nfe=32,64; grid=karras nfe=32")
+    assert union == [["sampler.grid=entropic", "sampler.nfe=32"], ["sampler.grid=entropic", "sampler.nfe=64"],
+                     ["sampler.grid=karras", "sampler.nfe=32"]]
+    with pytest.raises(ValueError, match="not a sampler field"):
+        sweep.parse_sweep("lr=1e-3")
+    with pytest.raises(ValueError, match="key=v1,v2"):
+        sweep.parse_sweep("gamma")
+
+
+def _row(seed, genppl, entropy, gamma=0.2, model="cobit", **extra):
+    base = {k: None for k in sweep.POINT_KEYS}
+    base.update(model=model, name="ddim", grid="entropic", nfe=32, gamma=gamma, window_q=[0.0, 1.0],
+                seed=seed, n=8, genppl=genppl, entropy=entropy, n_invalid_mean=0.0, seconds=1.0)
+    base.update(extra)
+    return base
+
+
+@given(values=st.lists(st.tuples(st.floats(1, 1e4), st.floats(0, 10)), min_size=1, max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_aggregate_is_mean_and_std_over_seeds(values):
+    rows = [_row(i, p, h) for i, (p, h) in enumerate(values)] + [_row(0, 5.0, 1.0, gamma=0.0)]
+    table = sweep.aggregate(rows)
+    assert [t["gamma"] for t in table] == [0.2, 0.0]
+    ppl = np.array([v[0] for v in values])
+    assert table[0]["genppl_mean"] == pytest.approx(ppl.mean())
+    assert table[0]["genppl_std"] == pytest.approx(ppl.std(), abs=1e-9)
+    assert table[0]["seeds"] == list(range(len(values)))
+    assert table[1]["genppl_mean"] == 5.0 and table[1]["genppl_std"] == 0.0
+
+
+def test_table_csv_and_frontier_plot(tmp_path):
+    rows = [_row(s, 30.0 - 10 * g + s, 3.0 + g + 0.01 * s, gamma=g) for g in (0.0, 0.1, 0.3) for s in (0, 1)]
+    rows += [_row(s, 20.0 + s, 3.5, model="ar", name=None, grid=None, nfe=None, gamma=None,
+                  window_q=None, temperature=1.0, top_p=1.0) for s in (0, 1)]
+    rows.append(_row(0, 12.0, 3.4, model="real data", name=None, grid=None, nfe=None, gamma=None,
+                     window_q=None))
+    table = sweep.aggregate(rows)
+    curves = plot.frontier_curves(table)
+    assert sorted(len(c) for c in curves.values()) == [1, 1, 3]
+    cobit = next(c for c in curves.values() if c[0]["model"] == "cobit")
+    assert [r["gamma"] for r in cobit] == [0.0, 0.1, 0.3]  # sorted by entropy
+    text = sweep.format_table(table)
+    assert "PF-ODE" in text and "γ=0.3" in text and "held-out rows" in text and "T=1" in text
+    assert "30.50 ± 0.50" in text  # γ=0: seeds give 30 and 31
+    csv_path = sweep.write_csv(table, tmp_path / "t.csv")
+    assert len(csv_path.read_text().strip().splitlines()) == 1 + len(table)
+    png = plot.plot_frontier(table, tmp_path / "f" / "frontier.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_samples_under_a_uniform_evaluator_is_the_vocabulary_size():
+    vocab = 50
+
+    def score(ids, mask):
+        uniform = lambda w: jnp.zeros(w.shape + (vocab,))
+        return windowed_sequence_nll(uniform, ids, mask, window=16)
+
+    evaluator = sweep.Evaluator("uniform", lambda t: [ord(c) % vocab for c in t], jax.jit(score), 16)
+    ppl, entropy = sweep.score_samples(["hello world", "abc"], [[1, 1, 2, 3], [4]], evaluator)
+    assert ppl == pytest.approx(vocab, rel=1e-5)  # every scored token costs ln V
+    assert entropy == pytest.approx((1.5 * math.log(2) + 0.0) / 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny runs on disk: random parameters saved the way training saves them
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    lines = [f"the {w} cat sat on mat number {i} while {w} dogs ran." for i in range(200)
+             for w in ("red", "blue", "green")]
+    (root / "tiny.txt").write_text("\n".join(lines) + "\n")
+    return DataConfig(source=str(root / "tiny.txt"), vocab_size=300, batch_size=4, val_fraction=0.05,
+                      cache_dir=str(root / "cache"))
+
+
+def _save_run(run_dir, cfg, params):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1, keep=1, async_save=False)
+    ckpt.save(7, {"params": params, "ema_params": params}, metadata={"config": to_dict(cfg)}, force=True)
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def cobit_run(tmp_path_factory, corpus):
+    from bitgen.diffusion.denoiser import init_params
+
+    model = ModelConfig(patch_size=9, seq_tokens=8, embed_dim=16, n_heads=2, n_blocks=1, dim_ff=32,
+                        content_dim=8, head_hidden=8, dropout=0.0)
+    cfg = ExperimentConfig(name="tiny", model=model, data=corpus,
+                           sampler=SamplerConfig(nfe=5, gamma=0.2, batch_size=3, grid="karras"))
+    run = tmp_path_factory.mktemp("runs") / "cobit"
+    _save_run(run, cfg, init_params(jax.random.key(0), model))
+    return run
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory, corpus):
+    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.nn.ar import init_ar_params
+
+    model = ModelConfig(patch_size=9, seq_tokens=8, embed_dim=16, n_heads=2, n_blocks=1, dim_ff=32,
+                        dropout=0.0)
+    cfg = ExperimentConfig(name="tiny_ar", task="ar", model=model, data=corpus,
+                           sampler=SamplerConfig(batch_size=3))
+    vocab = build_corpus_rows(corpus, model.seq_tokens).codec.vocab_size
+    run = tmp_path_factory.mktemp("runs") / "ar"
+    _save_run(run, cfg, init_ar_params(jax.random.key(1), ar_config(cfg, vocab)))
+    return run
+
+
+def test_sample_cli_writes_text_and_jsonl_consistent_with_the_codec(cobit_run, tmp_path):
+    out = tmp_path / "s.txt"
+    rc = cli.main(["sample", "--run-dir", str(cobit_run), "--num", "4", "--seed", "3", "--out", str(out),
+                   "sampler.name=heun", "sampler.nfe=5", "sampler.window_q=0.1,0.9", "--no-progress"])
+    assert rc == 0
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3] and out.read_text().count("=== ") == 4
+    assert records[0]["settings"]["name"] == "heun" and records[0]["settings"]["window_q"] == [0.1, 0.9]
+    codec = BitCodec(300)
+    for r in records:
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(r["bits"]), np.uint8))[: 8 * 9]
+        assert codec.decode(bits).ids.tolist() == r["ids"] and r["seed"] == 3
+
+
+def test_first_samples_do_not_depend_on_how_many_are_drawn(cobit_run):
+    from bitgen.eval.sample_cli import generate
+
+    model = load_model(str(cobit_run))
+    few = generate(model, 2, 5, progress=False)
+    many = generate(model, 5, 5, progress=False)  # two micro-batches of 3
+    assert [s.bits_hex for s in few] == [s.bits_hex for s in many[:2]]
+    assert len({s.bits_hex for s in many}) == 5
+
+
+def test_sample_cli_errors_name_the_fix(cobit_run, tmp_path, capsys):
+    out = str(tmp_path / "x.txt")
+    assert cli.main(["sample", "--run-dir", str(tmp_path / "nope"), "--out", out]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "model.embed_dim=8"]) == 1
+    assert "only sampler.*" in capsys.readouterr().err
+    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "sampler.grid=entropic"]) == 1
+    assert "--table" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert cli.main(["sample", "--run-dir", str(empty), "--out", out]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_ar_run_samples_and_rejects_a_cobit_run_as_evaluator(ar_run, cobit_run):
+    from bitgen.eval.sample_cli import generate
+
+    model = load_model(str(ar_run))
+    samples = generate(model, 4, 0, progress=False, temperature=0.8, top_p=0.9)
+    assert all(len(s.ids) == 8 and s.bits_hex == "" for s in samples)
+    redecoded = decode_samples(model, np.asarray([s.ids for s in samples]), seed=0, start=0)
+    assert redecoded[1].text == samples[1].text
+    with pytest.raises(SampleError, match="must be an AR run"):
+        sweep.load_evaluator(str(cobit_run))
+
+
+def test_eval_cli_sweep_table_plot_and_resume(cobit_run, ar_run, tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    argv = ["eval", "--run-dir", str(cobit_run), "--evaluator", str(ar_run), "--sweep",
+            "grid=karras nfe=4 gamma=0,0.3", "--seeds", "0,1", "--num", "3", "--ar-run", str(ar_run),
+            "--ar-temperatures", "1.0", "--out-dir", str(out_dir), "--no-progress"]
+    evaluator_at = argv.index("--evaluator") + 1
+    draw_only = argv[:evaluator_at] + ["none"] + argv[evaluator_at + 1:]
+    assert cli.main(draw_only) == 0  # draws and caches samples, scores nothing
+    assert not sweep.read_rows(out_dir / "results.jsonl")
+    drawn = sorted((out_dir / "samples").glob("*.jsonl"))
+    assert len(drawn) == 2 * 2 + 2
+    stamps = [p.stat().st_mtime_ns for p in drawn]
+    assert cli.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in drawn] == stamps  # scored from the cache, not redrawn
+    rows = sweep.read_rows(out_dir / "results.jsonl")
+    assert len(rows) == 1 + 2 * 2 + 2  # real data + 2 γ × 2 seeds + AR × 2 seeds
+    assert all(np.isfinite(r["genppl"]) and r["genppl"] > 1 and r["entropy"] >= 0 for r in rows)
+    assert {r["evaluator"] for r in rows} == {f"{ar_run}@7"}
+    printed = capsys.readouterr().out
+    assert "held-out rows" in printed and "PF-ODE" in printed
+    assert (out_dir / "frontier.png").stat().st_size > 0
+    assert len((out_dir / "table.csv").read_text().splitlines()) == 1 + 1 + 2 + 1
+    assert cli.main(argv) == 0  # a re-run reuses every finished row
+    assert len(sweep.read_rows(out_dir / "results.jsonl")) == len(rows)
+
+
+def test_evaluator_with_a_foreign_tokenizer_is_rejected():
+    evaluator_vocab = 10
+    with pytest.raises(SampleError, match="do not belong together"):
+        sweep._check_tokenizer("x", lambda t: [ord(c) for c in t], evaluator_vocab)
+
+
+def test_run_entropy_table_is_the_newest_at_the_checkpoint_step_and_tolerates_cdf_rounding(tmp_path):
+    from bitgen.diffusion.entropy_schedule import load_entropy_table, save_entropy_table
+    from bitgen.eval.sample_cli import latest_entropy_table
+
+    shipped = load_entropy_table("lm1b")
+    overshoot = np.asarray(shipped.cdf).copy()
+    overshoot[-2] = 1.0000002  # float32 cumsum can pass 1 before the last bin is forced to 1
+    save_entropy_table(shipped, tmp_path / "entropy_tables" / "entropy_table_00000100.npz")
+    tables = tmp_path / "entropy_tables"
+    save_entropy_table(shipped.replace(cdf=overshoot), tables / "entropy_table_00000300.npz")
+    assert latest_entropy_table(tmp_path / "missing") is None
+    at_200 = latest_entropy_table(tmp_path, 200)
+    np.testing.assert_array_equal(at_200.cdf, shipped.cdf)
+    newest = latest_entropy_table(tmp_path)
+    assert newest.cdf.max() <= 1.0 + 1e-6 and np.all(np.diff(newest.cdf) >= -1e-6)
+    assert latest_entropy_table(tmp_path, 50) is None
