@@ -123,7 +123,11 @@ def load_tokenizer(spec: str | Path, *, lowercase: bool = True) -> Tokenizer:
     if path.suffix in (".json", ".txt") or str(spec).startswith((".", "/", "~")):
         raise TokenizerError(f"tokenizer file {path} does not exist; check data.tokenizer")
     try:
-        return Tokenizer.from_pretrained(str(spec))
+        # huggingface_hub honours HF_HUB_OFFLINE and its cache, so offline runs fail at once
+        # instead of retrying the network.
+        from huggingface_hub import hf_hub_download
+
+        return Tokenizer.from_file(hf_hub_download(str(spec), "tokenizer.json"))
     except Exception as err:  # the Hub client raises many error types when offline
         raise TokenizerError(
             f"could not fetch tokenizer {spec!r} from the Hugging Face Hub ({type(err).__name__}); "

@@ -119,11 +119,7 @@ def _run_config(config: str | None, run: Path | None, ckpt_dir: Path, step: int)
 def latest_entropy_table(run: Path | None, step: int | None = None):
     """The newest ``entropy_tables/entropy_table_<step>.npz`` of a run written at or before
     ``step`` (default: any), or None."""
-    from bitgen.diffusion.entropy_schedule import (
-        EntropyTable,
-        EntropyTableError,
-        load_entropy_table,
-    )
+    from bitgen.diffusion.entropy_schedule import load_entropy_table
 
     if run is None:
         return None
@@ -131,17 +127,7 @@ def latest_entropy_table(run: Path | None, step: int | None = None):
                     if step is None or int(p.stem.rsplit("_", 1)[1]) <= step)
     if not tables:
         return None
-    try:
-        return load_entropy_table(tables[-1])
-    except EntropyTableError:
-        # A learned cdf can overshoot 1 by float32 rounding just before its last bin (cumsum, then
-        # cdf[-1] = 1 as in the reference), which the loader's strict monotonicity check rejects.
-        with np.load(tables[-1]) as data:
-            arrays = {k: np.asarray(data[k], np.float32) for k in ("pdf", "cdf", "sigmas", "edges")}
-        if np.any(np.diff(arrays["cdf"]) < -1e-6):
-            raise
-        arrays["cdf"] = np.minimum(arrays["cdf"], np.float32(1.0))
-        return EntropyTable(**arrays)
+    return load_entropy_table(tables[-1])
 
 
 def _abstract_params(cfg: ExperimentConfig, task: str, vocab_size: int):

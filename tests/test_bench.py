@@ -1,0 +1,129 @@
+"""Smoke tests of ``bitgen bench`` at toy sizes: report structure and analytic FLOP counts.
+
+No timing assertions: only that every measurement runs, is finite and lands in the report, and that
+the analytic FLOP formulas agree with hand counts and with XLA's own cost analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bitgen import bench
+from bitgen.cli import COMMANDS
+from bitgen.diffusion.denoiser import init_params, residual_logits
+
+TINY = bench.trunk_config("tiny", dtype="float32", seq_tokens=8, patch_size=4)
+
+
+def test_forward_flops_matches_a_hand_count():
+    cfg = TINY
+    e, t, p, s = cfg.embed_dim, cfg.seq_tokens, cfg.patch_size, cfg.seq_bits
+    c, h, ff = cfg.content_dim, cfg.head_hidden, int(2 * cfg.dim_ff / 3)
+    patch_in = p * (2 * c + 2 * cfg.n_fourier_global + 2 * cfg.n_fourier_local + 1)
+    per_token = patch_in * e + cfg.n_blocks * (4 * e * e + 3 * e * ff) + e * p * c + e * p * h
+    per_bit = 2 * c + 3 * c * h + h * h + h  # Linear(1->C) on two channels, adapter, mixer
+    per_seq = 2 * e * e + cfg.n_blocks * 2 * 3 * e * e + e * h + 3 * h * h  # σ embed, adaLNs
+    want_dense = 2 * (t * per_token + s * per_bit + per_seq)
+    got = bench.forward_flops(cfg)
+    assert got["dense"] == want_dense
+    assert got["attention"] == cfg.n_blocks * 4 * t * t * e
+    assert got["total"] == got["dense"] + got["attention"]
+
+
+def test_forward_flops_agrees_with_xla_cost_analysis():
+    # XLA counts every FLOP (matmuls as 2/MAC plus elementwise work); the analytic count is the
+    # matmul part, so it must sit just below XLA's total.
+    cfg = TINY
+    params = init_params(jax.random.key(0), cfg)
+    x = jnp.zeros((1, cfg.seq_bits))
+    sigma = jnp.ones((1,))
+    fn = jax.jit(functools.partial(residual_logits, cfg=cfg))
+    xla_flops = fn.lower(params, x, sigma, x).compile().cost_analysis()["flops"]
+    analytic = bench.forward_flops(cfg)["total"]
+    assert analytic <= xla_flops <= 1.15 * analytic
+
+
+def test_train_step_flops_counts_the_self_conditioning_pass():
+    fwd = bench.forward_flops(TINY)["total"]
+    assert bench.train_step_flops(TINY, 3, self_conditioning=False) == 3 * 3 * fwd
+    assert bench.train_step_flops(TINY, 3, self_conditioning=True) == 3 * 4 * fwd
+
+
+@pytest.mark.parametrize("vocab,bits", [(2, 1), (256, 8), (257, 9), (30522, 15), (128000, 17)])
+def test_bits_per_token(vocab, bits):
+    assert bench.bits_per_token(vocab) == bits
+
+
+def test_trunk_specs_are_validated():
+    with pytest.raises(ValueError, match="unknown trunk"):
+        bench.trunk_config("huge", dtype="float32")
+    with pytest.raises(Exception, match="TRUNK:BATCH"):
+        bench._trunk_batch("cobit-s")
+    assert bench._trunk_batch("small:8") == ("small", 8)
+    assert bench._tokens_vocab("16:300") == (16, 300)
+
+
+def test_run_bench_report_structure(tmp_path):
+    report = bench.run_bench(
+        dtype="float32", matmul_size=64, matmul_chain=2, matmul_repeats=1,
+        # 8 fake devices in tests: the train batch must split over the data axis.
+        train=[("tiny", 8)], train_repeats=1,
+        sampler=[("tiny", 1)], sampler_repeats=1, nfe=8,
+        heads=[(8, 300)], head_trunk="tiny", head_batch=1, head_repeats=1, head_time_budget_s=60.0,
+        seq_tokens=TINY.seq_tokens, patch_size=TINY.patch_size, log=lambda _: None,
+    )
+    json.dumps(report)  # the report is plain JSON
+    assert report["machine"]["backend"] == jax.default_backend()
+    assert report["matmul"]["flops"] == 2 * 2 * 64**3
+    assert report["matmul_limit_flops_per_s"] > 0
+
+    (train,) = report["train"]
+    assert train["flops_per_step"] == bench.train_step_flops(TINY, 8, self_conditioning=True)
+    assert train["tokens_per_step"] == 8 * TINY.seq_tokens
+    assert train["matmul_chain"] == max(1, round(train["flops_per_step"] / (2 * 64**3)))
+    assert len(train["times_s"]) == 1 and train["median_s"] > 0
+    assert math.isclose(train["fraction_of_matmul_limit"],
+                        train["achieved_flops_per_s"] / train["matmul_limit_flops_per_s"])
+
+    (sampler,) = report["sampler"]
+    assert sampler["model_calls"] == sampler["grid_points"]  # DDIM + carry: one call per point
+    assert math.isclose(sampler["bare_total_s"],
+                        sampler["model_calls"] * sampler["bare_call"]["median_s"])
+    assert sampler["overhead_ratio"] > 0
+
+    (head,) = report["heads"]
+    assert head["bits_per_token"] == 9
+    for path in ("bit", "token"):
+        memory = head[path]["memory"]
+        assert memory["peak_bytes"] == (memory["argument_bytes"] + memory["output_bytes"]
+                                        + memory["temp_bytes"] - memory["alias_bytes"])
+        assert head[path]["forward_memory"]["peak_bytes"] > 0
+        assert isinstance(head[path]["time"], dict)
+    assert head["memory_ratio"] == head["bit"]["memory"]["peak_bytes"] / head["token"]["memory"]["peak_bytes"]
+    assert set(report["targets"]) == {"sampler_overhead_ratio", "sampler_loop_overhead_ratio",
+                                      "head_memory_ratio"}
+    assert sampler["loop_overhead_ratio"] > 0
+    assert "| trunk |" in bench.format_table(report)
+
+
+def test_head_memory_counts_the_token_logits():
+    # The token path must hold at least its [B, T, V] float32 logits; the bit path needs far less
+    # at a large vocabulary (its logits are [B, T·P]).
+    cfg = dataclasses.replace(TINY, embed_dim=32)
+    _, programs = bench.head_programs(cfg, seq_tokens=16, vocab=65536, batch=1)
+    (bit_loss, bit_args), (token_loss, token_args) = programs["bit"], programs["token"]
+    token_memory = bench.compiled_memory(bench.head_train_fn(token_loss), token_args)
+    bit_memory = bench.compiled_memory(bench.head_train_fn(bit_loss), bit_args)
+    assert token_memory["peak_bytes"] >= 16 * 65536 * 4
+    assert bit_memory["peak_bytes"] < token_memory["peak_bytes"]
+
+
+def test_cli_registration():
+    assert COMMANDS["bench"][0] == "bitgen.bench"
