@@ -1,0 +1,53 @@
+"""Every shipped experiment config loads, validates, and the paper configs have the paper's sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitgen.config import CONFIG_DIR, ConfigError, load_config
+
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+# Trunk shapes of the spec §2 table: (P, T, E, heads, blocks, dim_ff). tests/test_sdt.py checks
+# that these shapes give the official parameter counts.
+PAPER_SHAPES = {
+    "cobit_s_lm1b": (15, 128, 768, 12, 12, 3072),
+    "cobit_s_owt": (16, 1024, 768, 12, 12, 3072),
+    "cobit_m_owt": (16, 1024, 1024, 16, 24, 4096),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SHAPES))
+def test_paper_configs_have_the_paper_trunks(name):
+    m = load_config(name).model
+    assert (m.patch_size, m.seq_tokens, m.embed_dim, m.n_heads, m.n_blocks, m.dim_ff) == PAPER_SHAPES[name]
+    assert (m.content_dim, m.head_hidden, m.dropout) == (64, 128, 0.1)
+
+
+def test_paper_settings_match_the_spec():
+    lm1b, owt_s, owt_m = (load_config(n) for n in ("cobit_s_lm1b", "cobit_s_owt", "cobit_m_owt"))
+    assert (lm1b.model.patch_size, lm1b.model.seq_tokens, lm1b.sampler.gamma) == (15, 128, 0.2)
+    assert (owt_s.model.patch_size, owt_s.model.seq_tokens, owt_s.sampler.gamma) == (16, 1024, 0.13)
+    assert (owt_m.optim.lr, owt_m.optim.warmup_steps, owt_m.sampler.gamma) == (2e-4, 5000, 0.21)
+    for cfg in (lm1b, owt_s, owt_m):
+        assert cfg.data.batch_size == 512 and cfg.optim.weight_decay == 0.01
+        assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.grad_clip) == (0.9, 0.99, 1.0)
+        assert cfg.sampler.nfe == 256 and cfg.sampler.terminal_sigma == 0.08
+
+
+def test_unknown_config_names_the_known_ones():
+    with pytest.raises(ConfigError, match="demo_cpu"):
+        load_config("no_such_config")
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match="model.no_such_field"):
+        load_config("demo_cpu", ["model.no_such_field=1"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config("demo_cpu", ["model.embed_dim=100", "model.n_heads=3"])
