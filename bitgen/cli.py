@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "convert": ("bitgen.convert", "convert official CoBit PyTorch checkpoints to bitgen params and back"),
     "data": ("bitgen.data.cli", "build/inspect a tokenised, packed dataset and print its statistics"),
-    "train": ("bitgen.train.cli", "train a CoBit model"),
+    "train": ("bitgen.train.cli", "train a CoBit model (or the AR baseline with task=ar)"),
     "sample": ("bitgen.eval.sample_cli", "draw samples from a trained run (CoBit or AR) to text + JSONL"),
     "eval": ("bitgen.eval.cli", "sweep samplers x NFE x gamma: GenPPL/entropy table, CSV and frontier plot"),
     "demo": ("bitgen.demo", "train CoBit, AR and an evaluator on the embedded corpus and compare them"),
