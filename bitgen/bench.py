@@ -57,6 +57,7 @@ TRUNKS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (32, 2, 1, 64),
 }
 DEFAULT_HEADS = ((128, 30522), (1024, 65536), (4096, 128000))
+DEFAULT_HEAD_CHUNK_TOKENS = 128  # bit head chunk (tokens) in the head comparison; 0 = unchunked
 HEAD_MEMORY_TARGET = 0.01  # bit path ≤ 1% of the token path's memory at the largest V
 TRAIN_FRACTION_TARGET = 0.5  # CPU fp32 train FLOP/s ≥ 50% of the matmul limit (CoBit-S)
 SAMPLER_OVERHEAD_TARGET = 1.05
@@ -396,14 +397,14 @@ class BitHead(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, content: jax.Array, t_emb: jax.Array) -> jax.Array:
         from bitgen.nn.layers import dense
-        from bitgen.nn.sdt import OptimalSkipMLPHead
+        from bitgen.nn.sdt import OptimalSkipMLPHead, apply_head
 
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         batch, seq_bits = content.shape[:2]
         unpatched = dense(cfg.patch_size * cfg.content_dim, ("embed", "content"),
                           name="unpatch_proj_content", dtype=dtype)(tokens)
         x_rec = unpatched.reshape(batch, seq_bits, cfg.content_dim)
-        logits = OptimalSkipMLPHead(cfg, name="head")(x_rec, content, tokens, t_emb)
+        logits = apply_head(OptimalSkipMLPHead(cfg, name="head"), x_rec, content, tokens, t_emb)
         return logits[..., 0].astype(jnp.float32)
 
 
@@ -412,19 +413,30 @@ def bits_per_token(vocab: int) -> int:
     return max(1, math.ceil(math.log2(vocab)))
 
 
-def head_programs(trunk_cfg: ModelConfig, seq_tokens: int, vocab: int, batch: int):
-    """``(cfg, {"bit": (loss_fn, args), "token": (loss_fn, args)})`` on the same trunk output.
+def head_chunk(chunk_tokens: int, seq_tokens: int) -> int:
+    """The bit head's chunk at T = ``seq_tokens``: the largest divisor of T that is ≤ the request
+    (gcd, so powers of two stay powers of two); 0 (off) stays 0."""
+    return math.gcd(chunk_tokens, seq_tokens) if chunk_tokens else 0
 
-    Each ``loss_fn(head_params, trunk_out, ...)`` returns a scalar loss; trunk_out is [B, T, E].
-    The bit path (un-patch + SDT head + matched filter + binary loss, P = ceil(log2 V)) also takes
-    the per-bit content features [B, S, 2C] the SDT computes before its trunk, the noisy bits, σ
-    and the target bits; the token path (Dense E->V + softmax cross-entropy) takes token labels.
+
+def head_programs(trunk_cfg: ModelConfig, seq_tokens: int, vocab: int, batch: int, *,
+                  chunk_tokens: int = DEFAULT_HEAD_CHUNK_TOKENS):
+    """``(cfg, {"bit": (loss_fn, args), ["bit_unchunked": ...,] "token": (loss_fn, args)})``.
+
+    All paths read the same trunk output. Each ``loss_fn(head_params, trunk_out, ...)`` returns a
+    scalar loss; trunk_out is [B, T, E]. The bit path (un-patch + SDT head + matched filter +
+    binary loss, P = ceil(log2 V)) also takes the per-bit content features [B, S, 2C] the SDT
+    computes before its trunk, the noisy bits, σ and the target bits; its head runs in
+    rematerialised chunks of ``head_chunk(chunk_tokens, T)`` tokens (``cfg.head_chunk_tokens``),
+    and when that is on ``bit_unchunked`` is the same path without chunking. The token path
+    (Dense E->V + softmax cross-entropy) takes token labels.
     """
     from bitgen.diffusion.denoiser import combine_logits
     from bitgen.diffusion.loss import loss_from_logits
 
     p = bits_per_token(vocab)
-    cfg = dataclasses.replace(trunk_cfg, patch_size=p, seq_tokens=seq_tokens)
+    cfg = dataclasses.replace(trunk_cfg, patch_size=p, seq_tokens=seq_tokens,
+                              head_chunk_tokens=head_chunk(chunk_tokens, seq_tokens))
     e, s, dtype = cfg.embed_dim, cfg.seq_bits, jnp.dtype(cfg.compute_dtype)
     keys = jax.random.split(jax.random.key(3), 6)
     tokens = jax.random.normal(keys[0], (batch, seq_tokens, e), dtype)
@@ -435,14 +447,16 @@ def head_programs(trunk_cfg: ModelConfig, seq_tokens: int, vocab: int, batch: in
     x_t = bits.astype(jnp.float32) + sigma[:, None] * jax.random.normal(keys[4], (batch, s))
     labels = jax.random.randint(keys[5], (batch, seq_tokens), 0, vocab)
 
-    bit_head = BitHead(cfg)
-    bit_params = nn.unbox(jax.jit(bit_head.init)(jax.random.key(4), tokens, content, t_emb)["params"])
+    bit_params = nn.unbox(jax.jit(BitHead(cfg).init)(jax.random.key(4), tokens, content,
+                                                     t_emb)["params"])
 
-    def bit_loss(params, tokens, content, t_emb, x_t, sigma, bits):
-        f_theta = bit_head.apply({"params": params}, tokens, content, t_emb)
-        logits = combine_logits(f_theta, x_t, sigma, cfg=cfg)
-        return loss_from_logits(logits, bits, sigma, loss_type="binary_sm", weighting="edm",
-                                sigma_data=0.5)[0]
+    def bit_loss_fn(bit_cfg: ModelConfig) -> Callable:
+        def bit_loss(params, tokens, content, t_emb, x_t, sigma, bits):
+            f_theta = BitHead(bit_cfg).apply({"params": params}, tokens, content, t_emb)
+            logits = combine_logits(f_theta, x_t, sigma, cfg=bit_cfg)
+            return loss_from_logits(logits, bits, sigma, loss_type="binary_sm", weighting="edm",
+                                    sigma_data=0.5)[0]
+        return bit_loss
 
     token_head = nn.Dense(vocab, dtype=dtype, param_dtype=jnp.float32)
     token_params = jax.jit(token_head.init)(jax.random.key(5), tokens)["params"]
@@ -451,8 +465,13 @@ def head_programs(trunk_cfg: ModelConfig, seq_tokens: int, vocab: int, batch: in
         logits = token_head.apply({"params": params}, tokens).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    return cfg, {"bit": (bit_loss, (bit_params, tokens, content, t_emb, x_t, sigma, bits)),
-                 "token": (token_loss, (token_params, tokens, labels))}
+    bit_args = (bit_params, tokens, content, t_emb, x_t, sigma, bits)
+    programs = {"bit": (bit_loss_fn(cfg), bit_args)}
+    if cfg.head_chunk_tokens:
+        unchunked = dataclasses.replace(cfg, head_chunk_tokens=0)
+        programs["bit_unchunked"] = (bit_loss_fn(unchunked), bit_args)
+    programs["token"] = (token_loss, (token_params, tokens, labels))
+    return cfg, programs
 
 
 def head_train_fn(loss_fn: Callable) -> Callable:
@@ -466,20 +485,28 @@ def head_flops(cfg: ModelConfig, vocab: int, batch: int) -> dict[str, float]:
     t, e, p = cfg.seq_tokens, cfg.embed_dim, cfg.patch_size
     c, h = cfg.content_dim, cfg.head_hidden
     bit_per_seq = 2 * t * e * p * (c + h) + 2 * cfg.seq_bits * (3 * c * h + h * h + h)
-    return {"bit": 3.0 * batch * bit_per_seq, "token": 3.0 * batch * 2 * t * e * vocab}
+    # Chunking recomputes the head's forward in the backward pass: extra work, not model FLOPs.
+    return {"bit": 3.0 * batch * bit_per_seq, "bit_unchunked": 3.0 * batch * bit_per_seq,
+            "token": 3.0 * batch * 2 * t * e * vocab}
 
 
 def bench_heads(trunk_cfg: ModelConfig, shapes: Sequence[tuple[int, int]], batch: int, *,
-                repeats: int, peak_flops: float | None, time_budget_s: float) -> list[dict]:
+                repeats: int, peak_flops: float | None, time_budget_s: float,
+                chunk_tokens: int = DEFAULT_HEAD_CHUNK_TOKENS) -> list[dict]:
     """Per (T, V): compiled memory of the forward loss (``forward_memory``) and of loss + gradients
-    (``memory``), always; time of loss + gradients when its estimate fits ``time_budget_s``."""
+    (``memory``), always; time of loss + gradients when its estimate fits ``time_budget_s``.
+
+    ``memory_ratio`` judges the bit path as configured (chunked head when ``chunk_tokens`` > 0);
+    ``unchunked_memory_ratio`` is the same path with the whole-sequence head, for comparison.
+    """
     rows = []
     for seq_tokens, vocab in shapes:
-        cfg, programs = head_programs(trunk_cfg, seq_tokens, vocab, batch)
+        cfg, programs = head_programs(trunk_cfg, seq_tokens, vocab, batch, chunk_tokens=chunk_tokens)
         flops = head_flops(cfg, vocab, batch)
         row: dict[str, Any] = {"seq_tokens": seq_tokens, "vocab": vocab,
                                "bits_per_token": cfg.patch_size, "batch": batch,
-                               "compute_dtype": cfg.compute_dtype}
+                               "compute_dtype": cfg.compute_dtype,
+                               "head_chunk_tokens": cfg.head_chunk_tokens}
         for label, (loss_fn, args) in programs.items():
             train_fn = head_train_fn(loss_fn)
             entry: dict[str, Any] = {"memory": compiled_memory(train_fn, args),
@@ -495,6 +522,9 @@ def bench_heads(trunk_cfg: ModelConfig, shapes: Sequence[tuple[int, int]], batch
         row["memory_ratio"] = row["bit"]["memory"]["peak_bytes"] / row["token"]["memory"]["peak_bytes"]
         row["forward_memory_ratio"] = (row["bit"]["forward_memory"]["peak_bytes"]
                                        / row["token"]["forward_memory"]["peak_bytes"])
+        unchunked = row.get("bit_unchunked", row["bit"])
+        row["unchunked_memory_ratio"] = (unchunked["memory"]["peak_bytes"]
+                                         / row["token"]["memory"]["peak_bytes"])
         rows.append(row)
     return rows
 
@@ -506,7 +536,8 @@ def run_bench(*, dtype: str, matmul_size: int, matmul_chain: int, matmul_repeats
               train: Sequence[tuple[str, int]], train_repeats: int,
               sampler: Sequence[tuple[str, int]], sampler_repeats: int, nfe: int,
               heads: Sequence[tuple[int, int]], head_trunk: str, head_batch: int,
-              head_repeats: int, head_time_budget_s: float, seq_tokens: int = 128,
+              head_repeats: int, head_time_budget_s: float,
+              head_chunk_tokens: int = DEFAULT_HEAD_CHUNK_TOKENS, seq_tokens: int = 128,
               patch_size: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every requested measurement in this process and return the report dict.
 
@@ -542,9 +573,11 @@ def run_bench(*, dtype: str, matmul_size: int, matmul_chain: int, matmul_repeats
     if heads:
         report["heads"] = bench_heads(trunk_config(head_trunk, dtype=dtype), heads, head_batch,
                                       repeats=head_repeats, peak_flops=peak,
-                                      time_budget_s=head_time_budget_s)
+                                      time_budget_s=head_time_budget_s,
+                                      chunk_tokens=head_chunk_tokens)
         report["head_trunk"] = head_trunk
-        log("heads: " + ", ".join(f"V={r['vocab']} ratio {r['memory_ratio']:.4f}"
+        log("heads: " + ", ".join(f"V={r['vocab']} ratio {r['memory_ratio']:.4f} "
+                                  f"(unchunked {r['unchunked_memory_ratio']:.4f})"
                                   for r in report["heads"]))
     report["matmul_limit_flops_per_s"] = peak
     report["load_average_after"] = load_average()
@@ -568,6 +601,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("heads"):
         largest = max(report["heads"], key=lambda r: r["vocab"])
         out["head_memory_ratio"] = {"value": largest["memory_ratio"], "vocab": largest["vocab"],
+                                    "head_chunk_tokens": largest["head_chunk_tokens"],
                                     "target": HEAD_MEMORY_TARGET,
                                     "met": largest["memory_ratio"] <= HEAD_MEMORY_TARGET}
     return out
@@ -616,12 +650,17 @@ def format_table(report: dict[str, Any]) -> str:
               f"{r['samples_per_s']:.3f}", f"{r['tokens_per_s']:.1f}"] for r in report["sampler"]])
     if report.get("heads"):
         lines += _table(
-            ["T", "V", "P", "bit mem", "token mem", "ratio", "fwd-only ratio", "bit time",
+            ["T", "V", "P", "chunk", "bit mem", "token mem", "ratio", "fwd-only ratio",
+             "unchunked bit mem", "unchunked ratio", "bit time", "unchunked bit time",
              "token time"],
             [[str(r["seq_tokens"]), str(r["vocab"]), str(r["bits_per_token"]),
+              str(r["head_chunk_tokens"] or "off"),
               _mib(r["bit"]["memory"]["peak_bytes"]), _mib(r["token"]["memory"]["peak_bytes"]),
               f"{r['memory_ratio']:.2%}", f"{r['forward_memory_ratio']:.2%}",
-              _ms(r["bit"]["time"]), _ms(r["token"]["time"])] for r in report["heads"]])
+              _mib(r.get("bit_unchunked", r["bit"])["memory"]["peak_bytes"]),
+              f"{r['unchunked_memory_ratio']:.2%}", _ms(r["bit"]["time"]),
+              _ms(r.get("bit_unchunked", r["bit"])["time"]), _ms(r["token"]["time"])]
+             for r in report["heads"]])
     if report.get("targets"):
         lines.append("")
         lines += [f"target {name}: {t['value']:.4g} vs {t['target']} -> "
@@ -677,6 +716,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-trunk", choices=sorted(TRUNKS), default="cobit-s",
                         help="trunk width E of the head comparison")
     parser.add_argument("--head-batch", type=int, default=1)
+    parser.add_argument("--head-chunk-tokens", type=int, default=DEFAULT_HEAD_CHUNK_TOKENS,
+                        help="bit head chunk in tokens (the gcd with each T is used; 0 = "
+                             "unchunked only; default: %(default)s)")
     parser.add_argument("--head-repeats", type=int, default=3)
     parser.add_argument("--head-time-budget", type=float, default=30.0,
                         help="skip timing a head when its estimated run time exceeds this (s)")
@@ -696,6 +738,7 @@ def run(args: argparse.Namespace) -> int:
                        sampler_repeats=args.sampler_repeats, nfe=args.nfe, heads=args.heads,
                        head_trunk=args.head_trunk, head_batch=args.head_batch,
                        head_repeats=args.head_repeats, head_time_budget_s=args.head_time_budget,
+                       head_chunk_tokens=args.head_chunk_tokens,
                        seq_tokens=args.seq_tokens, patch_size=args.patch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -46,6 +46,9 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16 activations; params stay float32
     attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
     remat: bool = False  # rematerialise each trunk block in the backward pass
+    # Per-bit head over chunks of this many tokens, rematerialised (0 = off): the backward pass
+    # then holds one chunk's [B, chunk·P, H] activations instead of the whole sequence's.
+    head_chunk_tokens: int = 0
 
     @property
     def seq_bits(self) -> int:
@@ -211,6 +214,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"model.{name} must be positive")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.head_chunk_tokens < 0 or (m.head_chunk_tokens and m.seq_tokens % m.head_chunk_tokens):
+        raise ConfigError(
+            f"model.head_chunk_tokens={m.head_chunk_tokens} must be 0 (off) or a positive divisor "
+            f"of model.seq_tokens={m.seq_tokens}"
+        )
     d = cfg.diffusion
     if not 0 < d.sigma_min < d.sigma_max:
         raise ConfigError("diffusion: need 0 < sigma_min < sigma_max")

@@ -135,6 +135,49 @@ class OptimalSkipMLPHead(nn.Module):
         return dense(1, ("head_hidden", None), name="mixer_3", dtype=dtype)(h)
 
 
+def _head_on_chunk(head: OptimalSkipMLPHead, chunk_index: Array, x_rec: Array, content: Array,
+                   tokens: Array, t_emb: Array) -> tuple[Array, Array]:
+    """Scan body: the head on chunk ``chunk_index`` of the whole-sequence inputs.
+
+    Slicing inside the body (rather than scanning over chunk-major copies of the inputs) keeps
+    XLA from materialising transposed copies of the [B, S, ·] inputs.
+    """
+    chunk = head.cfg.head_chunk_tokens
+    bits = chunk * head.cfg.patch_size
+
+    def take(x: Array, size: int) -> Array:
+        return jax.lax.dynamic_slice_in_dim(x, chunk_index * size, size, axis=1)
+
+    logits = head(take(x_rec, bits), take(content, bits), take(tokens, chunk), t_emb)
+    return chunk_index + 1, logits
+
+
+def apply_head(head: OptimalSkipMLPHead, x_rec: Array, content: Array, tokens: Array,
+               t_emb: Array) -> Array:
+    """Run ``head`` on the whole sequence, or over ``head.cfg.head_chunk_tokens``-token chunks.
+
+    Shapes as ``OptimalSkipMLPHead.__call__``; returns logits [B, S, 1]. Chunked, the head is a
+    rematerialised ``nn.scan`` over the chunk axis: every per-bit layer is row-wise, so each chunk
+    (its tokens and their P bits each) is independent and the backward pass holds one chunk's
+    [B, chunk·P, H] activations at a time instead of ~10 whole-sequence ones. Parameters are
+    broadcast (same names and shapes as unchunked), dropout gets a fresh key per chunk, and the
+    intermediates are stacked over a leading chunk axis.
+    """
+    chunk = head.cfg.head_chunk_tokens
+    if not chunk:
+        return head(x_rec, content, tokens, t_emb)
+    batch, seq_tokens, _ = tokens.shape
+    if seq_tokens % chunk:
+        raise ValueError(f"model.head_chunk_tokens={chunk} does not divide the {seq_tokens} tokens "
+                         "of the input; choose a divisor of seq_tokens or 0 (off)")
+    scan = nn.scan(nn.remat(_head_on_chunk), variable_broadcast="params",
+                   variable_axes={"intermediates": 0},
+                   split_rngs={"params": False, "dropout": True},
+                   in_axes=nn.broadcast, out_axes=1, length=seq_tokens // chunk)
+    _, logits = scan(head, jnp.zeros((), jnp.int32), x_rec, content, tokens, t_emb)
+    return logits.reshape(batch, x_rec.shape[1], 1)  # [B, n_chunks, chunk·P, 1] -> [B, S, 1]
+
+
 class SDT(nn.Module):
     """SequenceVDTContinuousModel with the ``optimal_skip_mlp`` head (continuous bits, SC on).
 
@@ -203,6 +246,7 @@ class SDT(nn.Module):
         x_rec = unpatched.reshape(batch, seq_bits, cfg.content_dim)
 
         # 7. Per-bit head.
-        logits = OptimalSkipMLPHead(cfg, train=self.train, name="head")(x_rec, content, tokens, t_emb)
+        logits = apply_head(OptimalSkipMLPHead(cfg, train=self.train, name="head"),
+                            x_rec, content, tokens, t_emb)
         self.sow("intermediates", "head_out", logits)
         return logits[..., 0].astype(jnp.float32)
