@@ -123,11 +123,13 @@ def load_tokenizer(spec: str | Path, *, lowercase: bool = True) -> Tokenizer:
     if path.suffix in (".json", ".txt") or str(spec).startswith((".", "/", "~")):
         raise TokenizerError(f"tokenizer file {path} does not exist; check data.tokenizer")
     try:
-        # huggingface_hub honours HF_HUB_OFFLINE and its cache, so offline runs fail at once
-        # instead of retrying the network.
+        # With HF_HUB_OFFLINE set, look only in the local Hub cache so offline runs fail at once
+        # instead of retrying the network (read here: huggingface_hub reads it once at import).
         from huggingface_hub import hf_hub_download
 
-        return Tokenizer.from_file(hf_hub_download(str(spec), "tokenizer.json"))
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        return Tokenizer.from_file(
+            hf_hub_download(str(spec), "tokenizer.json", local_files_only=offline))
     except Exception as err:  # the Hub client raises many error types when offline
         raise TokenizerError(
             f"could not fetch tokenizer {spec!r} from the Hugging Face Hub ({type(err).__name__}); "
