@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     # Intermixed parsing lets `key=value` overrides and --flags come in any order.
     args = parser.parse_intermixed_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as err:
+        # bitgen's own error classes carry a message naming the problem and the fix; print it
+        # without a traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
+        if type(err).__module__.startswith("bitgen.") and not os.environ.get("BITGEN_TRACEBACK"):
+            print(f"bitgen {command}: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

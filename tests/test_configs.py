@@ -51,3 +51,11 @@ def test_bad_override_names_the_key():
         load_config("demo_cpu", ["model.no_such_field=1"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config("demo_cpu", ["model.embed_dim=100", "model.n_heads=3"])
+
+
+def test_cli_reports_bitgen_errors_without_a_traceback(capsys):
+    from bitgen.cli import main
+
+    assert main(["data", "data.source=/no/such/corpus.txt", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bitgen data: ") and "does not exist" in err and "Traceback" not in err
