@@ -130,24 +130,6 @@ def latest_entropy_table(run: Path | None, step: int | None = None):
     return load_entropy_table(tables[-1])
 
 
-def _abstract_params(cfg: ExperimentConfig, task: str, vocab_size: int):
-    """ShapeDtypeStructs of the parameters on one local device (sampling is single-program)."""
-    import jax
-
-    if task == "ar":
-        from bitgen.nn.ar import init_ar_params
-        from bitgen.train.task import ar_config
-
-        shapes = jax.eval_shape(lambda k: init_ar_params(k, ar_config(cfg, vocab_size)),
-                                jax.random.key(0))
-    else:
-        from bitgen.diffusion.denoiser import param_shapes
-
-        shapes = param_shapes(cfg.model)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-
-
 def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, config: str | None = None,
                overrides: list[str] = (), table: str | None = None, weights: str = "ema") -> LoadedModel:
     """Restore the parameters of a run (latest step) or a checkpoint directory for sampling.
@@ -158,6 +140,7 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
     from bitgen.checkpoint import CheckpointError, restore_params
     from bitgen.data.corpus import build_corpus_rows
     from bitgen.diffusion.entropy_schedule import load_entropy_table
+    from bitgen.train.state import abstract_params
 
     if bool(run_dir) == bool(checkpoint):
         raise SampleError("give exactly one of --run-dir or --checkpoint")
@@ -174,10 +157,9 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
                           f"{run or ckpt_dir.parent}) or point --checkpoint at a checkpoints directory")
     step = steps[-1] if step is None else step
     cfg = apply_overrides(_run_config(config, run, ckpt_dir, step), list(overrides))
-    task = cfg.task
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens)
     try:
-        params = restore_params(ckpt_dir, _abstract_params(cfg, task, rows.codec.vocab_size),
+        params = restore_params(ckpt_dir, abstract_params(cfg, vocab_size=rows.codec.vocab_size),
                                 step=step, which=WEIGHTS[weights])
     except CheckpointError as err:
         raise SampleError(str(err)) from err
