@@ -120,6 +120,9 @@ class DataConfig:
     val_fraction: float = 0.005
     cache_dir: str = "~/.cache/bitgen"
     skip_bad_utf8: bool = False
+    # Longer documents are tokenised in pieces cut at whitespace (bounded memory; counted in
+    # `bitgen data`). 1M characters is far above any LM1B sentence or typical OWT page.
+    max_document_chars: int = 1_000_000
     batch_size: int = 512  # global batch (sequences)
     seed: int = 0
 

@@ -4,7 +4,11 @@ Layout: ``<cache_dir>/rows/<name>-<key>/{rows.bin, meta.json}`` where ``key`` ha
 fingerprint (every setting that affects the rows). The sidecar stores the full fingerprint and
 is checked on every load, so a cache built with other settings is rebuilt, never reused.
 Writes are atomic: rows and sidecar go to temporary files that are renamed into place, sidecar
-last, so an interrupted build leaves no cache that looks complete.
+last, so an interrupted build leaves no cache that looks complete. Temporary files carry the
+builder's host and PID; the next build removes those whose builder is no longer running.
+
+Format 2 (this one) keys sources by content hash and records how many source records were read;
+caches of earlier formats live under other keys and are never reused.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ import numpy as np
 
 from bitgen.tokenizers import write_atomic
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 ROWS_FILE = "rows.bin"
 META_FILE = "meta.json"
 
@@ -71,6 +76,36 @@ def load_cached_rows(path: Path, fingerprint: dict) -> tuple[CachedRows | None, 
     return CachedRows(rows, meta, path), "reused"
 
 
+def _tmp_prefix() -> str:
+    return f".{ROWS_FILE}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_orphaned_tmp_files(path: Path) -> list[Path]:
+    """Delete temporary rows files in ``path`` left by builders on this host that have died.
+
+    Files of live builders, of other hosts, or in an unknown naming scheme are kept.
+    """
+    host, removed = socket.gethostname(), []
+    for tmp in path.glob(f".{ROWS_FILE}.*.tmp"):
+        parts = tmp.name[len(f".{ROWS_FILE}."):].split(".")
+        if len(parts) < 3 or not parts[-3].isdigit() or ".".join(parts[:-3]) != host:
+            continue
+        if not _pid_alive(int(parts[-3])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_cached_rows(path: Path, fingerprint: dict, row_batches: Iterable[np.ndarray], *,
                       seq_tokens: int, dtype: np.dtype, stats_fn) -> CachedRows:
     """Stream ``row_batches`` (each ``[k, T]``) to disk, then commit the sidecar.
@@ -79,7 +114,8 @@ def write_cached_rows(path: Path, fingerprint: dict, row_batches: Iterable[np.nd
     stored in the sidecar (so a reused cache reports the numbers of the build).
     """
     path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{ROWS_FILE}.", suffix=".tmp")
+    remove_orphaned_tmp_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=_tmp_prefix(), suffix=".tmp")
     n_rows = 0
     try:
         with os.fdopen(fd, "wb") as f:

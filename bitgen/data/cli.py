@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.data.corpus import build_corpus_rows, document_summary
 
     cfg = _config(args)
     packed = build_corpus_rows(cfg.data, cfg.model.seq_tokens, progress=not args.no_progress,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     codec = packed.codec
     lines = [
         ("source", s.source),
-        ("documents", f"{s.documents:,}" + (f" ({s.skipped_bad_utf8:,} skipped: bad UTF-8)" if s.skipped_bad_utf8 else "")),
+        ("documents", document_summary(s)),
         ("tokens", f"{s.tokens:,} (separators included; {s.dropped_tail_tokens:,} tail tokens dropped)"),
         ("rows", f"{s.rows:,} x {s.seq_tokens} tokens (train {s.train_rows:,}, val {s.val_rows:,})"),
         ("vocab", f"{s.vocab_size:,}"),
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         ("bits per row", f"{s.bits_per_row:,}"),
         ("invalid-code headroom", f"{s.invalid_code_headroom:,} codes (2^{s.width} - {s.vocab_size:,}), policy {codec.policy}"),
         ("bit order", f"{cfg.data.bit_order}"),
-        ("cache", f"{s.cache_path} [{s.cache_status}]"),
+        ("cache", f"{s.cache_path} [{s.cache_status}; source hashed in {packed.source_hash_seconds:.2f} s]"),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:

@@ -8,7 +8,6 @@ later calls with the same settings memory-map the cache.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from bitgen.tokenizers import (
 )
 
 ENCODE_BATCH_DOCS = 1024  # documents per tokenizer call: big enough to use every core
+ENCODE_BATCH_CHARS = 4_000_000  # characters per tokenizer call: bounds the memory of one call
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class DatasetStats:
     vocab_size: int
     dropped_tail_tokens: int
     skipped_bad_utf8: int
+    skipped_empty: int
+    split_documents: int  # documents longer than data.max_document_chars, tokenised in pieces
+    records: int  # raw records (lines, rows) read from the source
     train_rows: int
     val_rows: int
     cache_path: str
@@ -77,6 +80,7 @@ class PackedRows:
     codec: BitCodec
     stats: DatasetStats
     code_tokenizer: CodeTokenizer | None = None
+    source_hash_seconds: float = 0.0  # time spent hashing the source to key the cache
 
     @property
     def train_rows(self) -> np.ndarray:
@@ -153,12 +157,63 @@ def _resolve_code_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> CodeTokeni
     return code_tokenizer
 
 
+def split_document(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars`` characters, before whitespace where possible.
+
+    A cut falls just before the last whitespace character of the window, so byte-level BPE sees
+    the word that follows it with its leading space, as it would in the whole document.
+    """
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(docs: Iterator[str], tokenizer: Tokenizer, max_chars: int,
+                     counters: dict) -> Iterator[list[np.ndarray]]:
+    """Token ids of each document, in order, in groups of at most ENCODE_BATCH_DOCS documents.
+
+    One tokenizer call covers at most ENCODE_BATCH_DOCS documents or ENCODE_BATCH_CHARS
+    characters; a document longer than ``max_chars`` is tokenised piece by piece (counted in
+    ``counters["split_documents"]``), so its memory is bounded by the pieces, not its length.
+    """
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int64) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        if len(doc) > max_chars:
+            counters["split_documents"] += 1
+            pieces = split_document(doc, max_chars)
+            per_call = max(1, ENCODE_BATCH_CHARS // max_chars)
+            ids = [a for i in range(0, len(pieces), per_call) for a in encode(pieces[i:i + per_call])]
+            done = encode(batch) if batch else []
+            batch, chars = [], 0
+            yield done + [np.concatenate(ids)]
+            continue
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+            yield encode(batch)
+            batch, chars = [], 0
+    if batch:
+        yield encode(batch)
+
+
 def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = False,
                       rebuild: bool = False) -> PackedRows:
     """Tokenise, pack and cache ``cfg.source`` into rows of ``seq_tokens`` tokens (reusing the cache).
 
     Raises DataError for an empty corpus or one too small for a single row.
     """
+    if cfg.max_document_chars < 1:
+        raise DataError(f"data.max_document_chars={cfg.max_document_chars} must be >= 1 (default 1000000)")
     source = open_source(cfg)
     tokenizer = _resolve_tokenizer(cfg, source, progress)
     code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
@@ -176,25 +231,43 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
         "seq_tokens": seq_tokens,
         "boundary_id": boundary_id,
         "dtype": dtype.name,
+        "max_document_chars": cfg.max_document_chars,
     }
     path = cache_dir_for(cfg.cache_dir, f"{source.name}-{cfg.packing}-T{seq_tokens}", fingerprint)
     cached, status = (None, "rebuild requested") if rebuild else load_cached_rows(path, fingerprint)
     if cached is None:
         read_stats = ReadStats()
         packer = StreamPacker(seq_tokens, cfg.packing, boundary_id)
+        counters = {"split_documents": 0}
 
         def row_batches() -> Iterator[np.ndarray]:
-            docs = source.documents(read_stats)
+            # The bar is advanced by hand: wrapping the document generator in tqdm and slicing the
+            # wrapper would let tqdm close the generator after the first slice.
+            bar = None
             if progress:
                 from tqdm.auto import tqdm
 
-                docs = tqdm(docs, desc=f"tokenising {source.name}", unit="doc", delay=1.0)
-            while batch := list(itertools.islice(docs, ENCODE_BATCH_DOCS)):
-                encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-                rows = packer.push(e.ids for e in encodings)
-                if code_tokenizer is not None and len(rows):
-                    rows = code_tokenizer.encode_windows(rows, seq_tokens)
-                yield rows
+                bar = tqdm(total=source.records, desc=f"tokenising {source.name}", unit="doc", delay=1.0)
+            seen = 0
+            try:
+                for ids in encode_documents(source.documents(read_stats), tokenizer,
+                                            cfg.max_document_chars, counters):
+                    if bar is not None:
+                        bar.update(read_stats.records - seen)
+                        seen = read_stats.records
+                    rows = packer.push(ids)
+                    if code_tokenizer is not None and len(rows):
+                        rows = code_tokenizer.encode_windows(rows, seq_tokens)
+                    yield rows
+            finally:
+                if bar is not None:
+                    bar.close()
+            if not read_stats.complete(source.records):
+                raise DataError(
+                    f"read {read_stats.records:,} of the {source.records:,} records of {cfg.source!r} "
+                    "(the source changed while it was read, or the reader stopped early); nothing "
+                    "was cached: run the command again"
+                )
             if read_stats.documents == 0:
                 raise DataError(
                     f"data.source={cfg.source!r} yielded no documents (all empty"
@@ -210,17 +283,36 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
         def build_stats() -> dict:
             return {"documents": read_stats.documents, "tokens": packer.stream_tokens,
                     "dropped_tail_tokens": packer.pending_tokens,
-                    "skipped_bad_utf8": read_stats.skipped_bad_utf8}
+                    "skipped_bad_utf8": read_stats.skipped_bad_utf8,
+                    "skipped_empty": read_stats.skipped_empty,
+                    "split_documents": counters["split_documents"],
+                    "records": read_stats.records}
 
         cached = write_cached_rows(path, fingerprint, row_batches(), seq_tokens=seq_tokens,
                                    dtype=dtype, stats_fn=build_stats)
         status = f"built ({status})"
+    recorded = cached.meta["stats"]
+    if source.records is not None and recorded["records"] != source.records:
+        raise DataError(
+            f"the row cache {path} records {recorded['records']:,} source records read but "
+            f"{cfg.source!r} has {source.records:,}; delete {path} (or pass --rebuild) to rebuild it"
+        )
     n_rows = cached.rows.shape[0]
     n_train, n_val = split_sizes(n_rows, cfg.val_fraction)
     stats = DatasetStats(source=source.name, rows=n_rows, seq_tokens=seq_tokens, width=codec.width,
                          vocab_size=vocab_size, train_rows=n_train, val_rows=n_val,
-                         cache_path=str(path), cache_status=status, **cached.meta["stats"])
-    return PackedRows(cached.rows, tokenizer, codec, stats, code_tokenizer)
+                         cache_path=str(path), cache_status=status, **recorded)
+    return PackedRows(cached.rows, tokenizer, codec, stats, code_tokenizer, source.identity_seconds)
+
+
+def document_summary(stats: DatasetStats) -> str:
+    """One line: documents read out of the source's records, and what was skipped or split."""
+    notes = [f"{n:,} {what}" for n, what in ((stats.skipped_empty, "empty skipped"),
+                                             (stats.skipped_bad_utf8, "bad UTF-8 skipped"),
+                                             (stats.split_documents, "long ones tokenised in pieces"))
+             if n]
+    return (f"{stats.documents:,} read from {stats.records:,} records"
+            + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def stats_dict(stats: DatasetStats) -> dict:

@@ -10,8 +10,11 @@
   the network (or its local cache).
 
 Every document is normalised the same way (``\\r\\n``/``\\r`` -> ``\\n``, outer whitespace stripped,
-spec §1.2) and empty documents are dropped. A source has an ``identity`` (a JSON-able dict, cheap
-to compute) that keys on-disk caches.
+spec §1.2) and empty documents are dropped. A source has an ``identity`` (a JSON-able dict) that
+keys on-disk caches: for files it holds a SHA-256 of the content and the number of raw records
+(lines, or parquet rows), so an edited file is never mistaken for the cached one, whatever its size
+and modification time. Reading a source counts every raw record, so a consumer can check that it
+read the whole source (``ReadStats.complete``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -41,10 +45,21 @@ def normalize_document(text: str) -> str:
 
 @dataclass
 class ReadStats:
-    """Counters filled while a source is read."""
+    """Counters filled while a source is read.
+
+    ``records`` counts raw records (lines, rows) including empty and skipped ones; ``exhausted``
+    turns true only when the reader reached the end of the source.
+    """
 
     documents: int = 0
     skipped_bad_utf8: int = 0
+    skipped_empty: int = 0
+    records: int = 0
+    exhausted: bool = False
+
+    def complete(self, expected_records: int | None) -> bool:
+        """True when the whole source was read (and, where known, every record was seen)."""
+        return self.exhausted and (expected_records is None or self.records == expected_records)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,12 @@ class TextSource:
     name: str
     identity: dict
     _read: Callable[[ReadStats], Iterator[str]] = field(repr=False)
+    identity_seconds: float = 0.0  # time spent hashing/counting the source for its identity
+
+    @property
+    def records(self) -> int | None:
+        """Raw records in the source (lines or rows), where known without reading it."""
+        return self.identity.get("records")
 
     def documents(self, stats: ReadStats | None = None) -> Iterator[str]:
         """Yield normalised, non-empty documents, counting them in ``stats``."""
@@ -63,15 +84,38 @@ class TextSource:
             if text:
                 stats.documents += 1
                 yield text
+            else:
+                stats.skipped_empty += 1
+        stats.exhausted = True
 
 
 def fortunes_path() -> Path:
     return Path(str(resources.files("bitgen") / "assets" / "fortunes" / "fortunes.jsonl.gz"))
 
 
-def _file_identity(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def content_identity(path: Path, *, count_lines: bool) -> dict:
+    """SHA-256 of the file's bytes, its size, and (``count_lines``) its number of lines.
+
+    Lines are counted as the readers see them: in the decompressed stream for ``.gz`` files, a
+    last line without a newline included.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    identity = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    if count_lines:
+        opener = gzip.open if path.suffix == ".gz" else open
+        lines, last = 0, b"\n"
+        with opener(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        identity["records"] = lines + (last != b"\n")
+    return identity
 
 
 def _decode_line(raw: bytes, path: Path, offset: int, lineno: int, skip_bad_utf8: bool,
@@ -102,6 +146,7 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
 def _read_txt(path: Path, skip_bad_utf8: bool) -> Callable[[ReadStats], Iterator[str]]:
     def read(stats: ReadStats) -> Iterator[str]:
         for lineno, offset, raw in _iter_lines(path):
+            stats.records += 1
             text = _decode_line(raw, path, offset, lineno, skip_bad_utf8, stats)
             if text is not None:
                 yield text
@@ -112,7 +157,9 @@ def _read_txt(path: Path, skip_bad_utf8: bool) -> Callable[[ReadStats], Iterator
 def _read_jsonl(path: Path, text_field: str, skip_bad_utf8: bool) -> Callable[[ReadStats], Iterator[str]]:
     def read(stats: ReadStats) -> Iterator[str]:
         for lineno, offset, raw in _iter_lines(path):
+            stats.records += 1
             if not raw.strip():
+                stats.skipped_empty += 1
                 continue
             line = _decode_line(raw, path, offset, lineno, skip_bad_utf8, stats)
             if line is None:
@@ -141,7 +188,12 @@ def _read_parquet(path: Path, text_field: str) -> Callable[[ReadStats], Iterator
 
     def read(stats: ReadStats) -> Iterator[str]:
         for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+            for text in batch.column(0).to_pylist():
+                stats.records += 1
+                if text is None:
+                    stats.skipped_empty += 1
+                else:
+                    yield text
 
     return read
 
@@ -170,9 +222,12 @@ def _open_hf(spec: str, text_field: str) -> TextSource:
 
     def read(stats: ReadStats) -> Iterator[str]:
         for batch in ds.iter(batch_size=1000):
-            yield from batch[text_field]
+            for text in batch[text_field]:
+                stats.records += 1
+                yield text
 
-    identity = {"hf": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}
+    identity = {"hf": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None),
+                "records": len(ds)}
     return TextSource(f"hf-{name}-{split}", identity, read)
 
 
@@ -181,11 +236,12 @@ def open_source(cfg: DataConfig) -> TextSource:
     spec = cfg.source
     if spec.startswith(HF_PREFIX):
         return _open_hf(spec, cfg.text_field)
+    started = time.perf_counter()
     if spec == "fortunes":
         path = fortunes_path()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return TextSource("fortunes", {"embedded": "fortunes", "sha256": digest},
-                          _read_jsonl(path, "text", skip_bad_utf8=False))
+        identity = {"embedded": "fortunes", **content_identity(path, count_lines=True)}
+        return TextSource("fortunes", identity, _read_jsonl(path, "text", skip_bad_utf8=False),
+                          time.perf_counter() - started)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
@@ -194,7 +250,6 @@ def open_source(cfg: DataConfig) -> TextSource:
         )
     if path.is_dir():
         raise DataError(f"data.source {path} is a directory; point it at one .txt/.jsonl(.gz)/.parquet file")
-    identity = {**_file_identity(path), "text_field": cfg.text_field, "skip_bad_utf8": cfg.skip_bad_utf8}
     suffixes = "".join(path.suffixes[-2:])
     if path.suffix == ".txt":
         read = _read_txt(path, cfg.skip_bad_utf8)
@@ -204,4 +259,11 @@ def open_source(cfg: DataConfig) -> TextSource:
         read = _read_parquet(path, cfg.text_field)
     else:
         raise DataError(f"unsupported data.source file type {path.name!r}; use .txt, .jsonl, .jsonl.gz or .parquet")
-    return TextSource(path.name, identity, read)
+    identity = {"path": str(path.resolve()), "text_field": cfg.text_field,
+                "skip_bad_utf8": cfg.skip_bad_utf8,
+                **content_identity(path, count_lines=path.suffix != ".parquet")}
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        identity["records"] = pq.ParquetFile(path).metadata.num_rows
+    return TextSource(path.name, identity, read, time.perf_counter() - started)

@@ -218,7 +218,7 @@ def train(
     ``flag``: polled at every step boundary; when set, the state is saved and the run returns
     with ``preempted=True``.
     """
-    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.data.corpus import build_corpus_rows, document_summary
     from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
 
     run_dir = Path(run_dir)
@@ -265,6 +265,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logger = _Logger(run_dir, cfg, start, enabled=main, progress=progress)
+    logger.text(f"data: {rows.stats.source}, documents {document_summary(rows.stats)}; "
+                f"{rows.stats.train_rows:,} train rows of {rows.stats.seq_tokens} tokens")
     step_fn, input_key = program.step_fn, program.input_key
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
