@@ -8,7 +8,9 @@ read back from ``eval/results.jsonl``):
 2. train a same-size AR baseline (``configs/demo_ar_cpu.py``) -> <work>/ar
 3. train a larger AR evaluator (``configs/demo_ar_eval_cpu.py``) -> <work>/ar_eval
 4. sample CoBit (deterministic PF-ODE and stochastic churn at the config's NFE) and AR, score
-   GenPPL under the evaluator and unigram entropy, add the held-out real-data row
+   GenPPL under the evaluator and unigram entropy, add the held-out real-data row and the
+   i.i.d.-unigram control (tokens drawn independently from the training unigram distribution,
+   decoded and scored like samples: a generator must beat it to show it learned context)
 5. print the table; write <work>/eval/{results.jsonl,table.csv,frontier.png}
 
 ``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
@@ -90,6 +92,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
     import logging
 
     from bitgen.checkpoint import PreemptionFlag
+    from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
     from bitgen.eval.sample_cli import load_model
     from bitgen.eval.sweep import (
@@ -119,6 +122,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
         cobit = load_model(str(p.work_dir / "cobit"))
         evaluator = load_evaluator(str(p.work_dir / "ar_eval"))
         rows = [reference_point(cobit, evaluator, p.num, results)]
+        rows += unigram_control(cobit.rows, evaluator, results, seeds=p.seeds, num=p.num)
         rows += run_sweep(cobit, evaluator, results, points=p.sampler_points, seeds=p.seeds,
                           num=p.num, batch_size=p.num, flag=flag, progress=progress, log=log)
         ar = load_model(str(p.work_dir / "ar"))

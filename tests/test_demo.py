@@ -63,10 +63,11 @@ def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_train
     table, signum = demo.run_demo(p, progress=False)
     assert signum is None
     assert stand_in_training == ["demo_cpu", "demo_ar_cpu", "demo_ar_eval_cpu"]
-    assert [r["model"] for r in table] == ["real data", "cobit", "cobit", "ar"]
+    assert [r["model"] for r in table] == ["real data", "iid unigram", "cobit", "cobit", "ar"]
     assert all(r["seeds"] == [0, 1] for r in table[1:])
     out = capsys.readouterr().out
     assert "[1/5] training" in out and "[5/5] results" in out and "PF-ODE" in out and "γ=0.3" in out
+    assert "tokens drawn independently" in out
     assert (tmp_path / "work" / "eval" / "frontier.png").is_file()
     results = (tmp_path / "work" / "eval" / "results.jsonl").read_text().splitlines()
     again, _ = demo.run_demo(p, progress=False)  # everything is reused, nothing is redrawn

@@ -3,7 +3,7 @@
 x = mean unigram entropy (nats), y = GenPPL (log scale), error bars = std over seeds. CoBit points
 that differ only in γ are joined into one curve per (sampler, grid, NFE), so each curve is the
 frontier γ traces; AR points (one per temperature) form their own curve; the real-data reference
-is a star.
+is a star and the i.i.d.-unigram control a grey cross.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def plot_frontier(table: Sequence[dict[str, Any]], path: str | Path, *, title: s
         if rows[0]["model"] == "real data":
             ax.plot(x, y, marker="*", markersize=16, linestyle="none", color="black",
                     label="real data (held-out)")
+            continue
+        if rows[0]["model"] == "iid unigram":
+            ax.plot(x, y, marker="X", markersize=11, linestyle="none", color="grey",
+                    label="i.i.d. unigram tokens (control)")
             continue
         style = {"marker": "s", "linestyle": "--"} if rows[0]["model"] == "ar" else {"marker": "o"}
         line = ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=2, label=label, **style)

@@ -154,10 +154,10 @@ def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
     """A fixed-width text table (what ``bitgen eval``/``bitgen demo`` print)."""
-    header = f"{'model':<10} {'sampler':<28} {'NFE':>4} {'GenPPL':>16} {'entropy':>14} {'seeds':>5} {'n':>4}"
+    header = f"{'model':<11} {'sampler':<28} {'NFE':>4} {'GenPPL':>16} {'entropy':>14} {'seeds':>5} {'n':>4}"
     lines = [header, "-" * len(header)]
     for row in table:
-        lines.append(f"{row['model']:<10} {describe_point(row):<28} {row['nfe'] or '':>4} "
+        lines.append(f"{row['model']:<11} {describe_point(row):<28} {row['nfe'] or '':>4} "
                      f"{_pm(row['genppl_mean'], row['genppl_std'], 2):>16} "
                      f"{_pm(row['entropy_mean'], row['entropy_std'], 3):>14} "
                      f"{len(row['seeds']):>5} {row['n']:>4}")
@@ -168,6 +168,8 @@ def describe_point(row: dict[str, Any]) -> str:
     """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows"."""
     if row["model"] == "real data":
         return "held-out rows"
+    if row["model"] == "iid unigram":
+        return "tokens drawn independently"
     if row["model"] == "ar":
         return f"T={row['temperature']:g} top-p={row['top_p']:g}"
     churn = f"γ={row['gamma']:g}" if row["gamma"] else "PF-ODE (γ=0)"
