@@ -116,7 +116,7 @@ class DataConfig:
     # packing=window: second-stage code tokenizer (<name>.json + <name>.meta.json); "" = base ids
     code_tokenizer: str = ""
     code_policy: str = "modulo"  # modulo | stop | nearest (codes >= V)
-    bit_order: str = "raw"  # raw | gray | path to an id->code map (.npy)
+    bit_order: str = "raw"  # raw | gray | frequency (code = frequency rank) | path to an id->code map (.npy)
     val_fraction: float = 0.005
     cache_dir: str = "~/.cache/bitgen"
     skip_bad_utf8: bool = False

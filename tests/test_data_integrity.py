@@ -155,3 +155,21 @@ def test_long_document_is_tokenised_in_pieces(cfg):
     assert pieces.tokens == whole.tokens
     with pytest.raises(DataError, match="max_document_chars"):
         build_corpus_rows(dataclasses.replace(cfg, max_document_chars=0), 16)
+
+
+def test_frequency_rank_codes_by_hand():
+    from bitgen.data.corpus import frequency_rank_codes
+
+    rows = np.array([[2, 2, 2, 0], [3, 3, 0, 2]])  # counts: id0 2, id1 0, id2 4, id3 2
+    # id2 most frequent -> 0; ids 0 and 3 tie -> id order (1, 2); unseen id1 last -> 3
+    np.testing.assert_array_equal(frequency_rank_codes(rows, 4), [1, 3, 0, 2])
+
+
+def test_frequency_bit_order_round_trips_and_puts_frequent_tokens_on_low_codes(cfg):
+    packed = build_corpus_rows(dataclasses.replace(cfg, bit_order="frequency"), 16)
+    rows = np.asarray(packed.train_rows[:64])
+    decoded = packed.codec.decode(packed.codec.ids_to_bits(rows))
+    np.testing.assert_array_equal(decoded.ids, rows)
+    counts = np.bincount(np.asarray(packed.train_rows, np.int64).ravel(), minlength=packed.codec.vocab_size)
+    top = int(np.argmax(counts))
+    assert not packed.codec.ids_to_bits(np.array([[top]])).any()  # the most frequent id is code 0

@@ -106,17 +106,38 @@ def split_sizes(n_rows: int, val_fraction: float) -> tuple[int, int]:
     return n_rows - n_val, n_val
 
 
-def codec_for(cfg: DataConfig, vocab_size: int, code_tokenizer: CodeTokenizer | None) -> BitCodec:
-    """The bit codec for a vocabulary under ``cfg.code_policy`` and ``cfg.bit_order``."""
+def frequency_rank_codes(train_rows: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[V]`` id -> code map: the i-th most frequent id of ``train_rows`` gets code i.
+
+    Ties (and unseen ids) keep id order, so the map is a pure function of the rows. With MSB-first
+    bits, frequent tokens then share long runs of leading zeros.
+    """
+    counts = np.bincount(np.asarray(train_rows, np.int64).ravel(), minlength=vocab_size)
+    codes = np.empty(vocab_size, np.uint32)
+    codes[np.argsort(-counts, kind="stable")] = np.arange(vocab_size, dtype=np.uint32)
+    return codes
+
+
+def codec_for(cfg: DataConfig, vocab_size: int, code_tokenizer: CodeTokenizer | None,
+              train_rows: np.ndarray | None = None) -> BitCodec:
+    """The bit codec for a vocabulary under ``cfg.code_policy`` and ``cfg.bit_order``.
+
+    ``bit_order=frequency`` ranks ids by their count in ``train_rows`` (required then).
+    """
     if cfg.bit_order == "raw":
         permutation = None
     elif cfg.bit_order == "gray":
         permutation = "gray"
+    elif cfg.bit_order == "frequency":
+        if train_rows is None:
+            raise DataError("data.bit_order=frequency needs the training rows to count token frequencies")
+        permutation = IdCodeMap.from_array(frequency_rank_codes(train_rows, vocab_size))
     else:
         path = Path(cfg.bit_order).expanduser()
         if path.suffix != ".npy" or not path.exists():
             raise DataError(
-                f"data.bit_order={cfg.bit_order!r} must be raw, gray, or an existing .npy id->code map"
+                f"data.bit_order={cfg.bit_order!r} must be raw, gray, frequency, or an existing .npy "
+                "id->code map"
             )
         permutation = IdCodeMap.from_array(np.load(path))
     pad_id, stop_ids = None, ()
@@ -219,7 +240,8 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
     code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
     boundary_id = separator_id(tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
-    codec = codec_for(cfg, vocab_size, code_tokenizer)
+    # Settings errors surface before the (long) build; a frequency code map needs the rows first.
+    codec = None if cfg.bit_order == "frequency" else codec_for(cfg, vocab_size, code_tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     fingerprint = {
         "source": source.identity,
@@ -299,6 +321,8 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
         )
     n_rows = cached.rows.shape[0]
     n_train, n_val = split_sizes(n_rows, cfg.val_fraction)
+    if codec is None:
+        codec = codec_for(cfg, vocab_size, code_tokenizer, cached.rows[:n_train])
     stats = DatasetStats(source=source.name, rows=n_rows, seq_tokens=seq_tokens, width=codec.width,
                          vocab_size=vocab_size, train_rows=n_train, val_rows=n_val,
                          cache_path=str(path), cache_status=status, **recorded)
