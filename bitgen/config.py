@@ -164,6 +164,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Defaults of ``bitgen eval`` (spec §6; flags override them). The defaults are a quick look;
+    the paper configs set the paper's protocol (docs/evaluation.md)."""
+
+    num: int = 64  # samples per operating point and seed (paper: 1024)
+    seeds: str = "0"  # comma-separated sampling seeds (paper: 42,...,51)
+    # Real-data reference rows: heldout (the corpus's held-out tail) | test (eval.test_source)
+    reference: str = "heldout"
+    test_source: str = ""  # data source of the test split, e.g. hf:lm1b:test ("" = none)
+    # gpt2:DIR evaluators: auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16
+    evaluator_dtype: str = "auto"
+    sweep: str = ""  # operating points in --sweep syntax ("" = the run's sampler settings)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
     task: str = "cobit"  # cobit (bit diffusion) | ar (autoregressive baseline over token ids)
@@ -175,6 +190,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -188,6 +204,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.sc_mode": ("carry", "refined"),
     "data.packing": ("sep", "window"),
     "data.code_policy": ("modulo", "stop", "nearest"),
+    "eval.reference": ("heldout", "test"),
+    "eval.evaluator_dtype": ("auto", "float32", "bfloat16"),
 }
 
 

@@ -44,6 +44,7 @@ class _Rows:
         seq_tokens = 6
 
     train_rows = np.array([[0, 1, 1, 2, 2, 2]] * 3)
+    code_tokenizer = None
 
     @staticmethod
     def decode_text(ids) -> str:

@@ -87,7 +87,7 @@ def test_gen_ppl_is_token_weighted_and_compiles_once_per_bucket():
         calls.append(ids.shape)
         return _windowed_bigram_nll(ids, mask, window)
 
-    result = metrics.gen_ppl(texts, encode, score, window=window, batch_size=2, min_bucket=4)
+    result = metrics.gen_ppl(texts, encode, score, window=window, min_bucket=4)
     per_text = [bigram_nll_direct(TABLE, encode(t), window) for t in texts]
     total_nll = sum(p[0] for p in per_text)
     total_n = sum(p[1] for p in per_text)
@@ -97,8 +97,8 @@ def test_gen_ppl_is_token_weighted_and_compiles_once_per_bucket():
     per_text_ppl = [math.exp(a / b) for a, b in per_text if b]
     assert result.ppl != pytest.approx(np.mean(per_text_ppl), rel=1e-3)
     np.testing.assert_array_equal(result.sample_tokens, [p[1] for p in per_text])
-    # Every call has batch 2 and a bucketed length: 4 (three short texts → two calls) and 32.
-    assert sorted(calls) == [(2, 4), (2, 4), (2, 32)]
+    # Every call scores one text at a bucketed length: 4 (the three short texts) and 32.
+    assert sorted(calls) == [(1, 4), (1, 4), (1, 4), (1, 32)]
 
 
 def test_bucket_length():

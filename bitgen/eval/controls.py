@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitgen.eval.sweep import POINT_KEYS, Evaluator, read_rows, score_samples
+from bitgen.eval.reference import entropy_ids
+from bitgen.eval.sweep import POINT_KEYS, SCORING_VERSION, Evaluator, read_rows, score_samples
 
 UNIGRAM_MODEL = "iid unigram"
 
@@ -42,16 +43,17 @@ def unigram_control_row(rows, evaluator: Evaluator, *, seed: int, num: int) -> d
     counts = unigram_counts(rows.train_rows, rows.codec.vocab_size)
     ids = draw_unigram(counts, jax.random.key(seed), (num, rows.stats.seq_tokens))
     texts = [rows.decode_text(r) for r in ids]
-    ppl, entropy = score_samples(texts, list(ids), evaluator)
+    ppl, entropy = score_samples(texts, [entropy_ids(rows, r) for r in ids], evaluator)
     return {**{k: None for k in POINT_KEYS}, "model": UNIGRAM_MODEL, "evaluator": evaluator.name,
-            "seed": seed, "n": num, "genppl": ppl, "entropy": entropy, "n_invalid_mean": 0.0,
-            "seconds": time.perf_counter() - start}
+            "seed": seed, "n": num, "scoring": SCORING_VERSION, "genppl": ppl, "entropy": entropy,
+            "n_invalid_mean": 0.0, "seconds": time.perf_counter() - start}
 
 
 def unigram_control(rows, evaluator: Evaluator, out_jsonl: Path, *, seeds, num: int) -> list[dict[str, Any]]:
     """``unigram_control_row`` for each seed, reused from ``out_jsonl`` when already there."""
     cached = {(r["seed"], r["n"]): r for r in read_rows(out_jsonl)
-              if r["model"] == UNIGRAM_MODEL and r["evaluator"] == evaluator.name}
+              if r["model"] == UNIGRAM_MODEL and r["evaluator"] == evaluator.name
+              and r.get("scoring") == SCORING_VERSION}
     out = []
     for seed in seeds:
         row = cached.get((seed, num))

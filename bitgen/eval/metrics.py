@@ -4,7 +4,7 @@
   of the model's context length, the first token of each window unscored.
 * ``gen_ppl`` — token-weighted corpus perplexity of texts under an evaluator ``score`` function;
   re-tokenisation (no BOS) and length-bucketed padding happen here so the scorer compiles once per
-  bucket.
+  bucket; texts are scored one at a time, so a text's score does not depend on the others.
 * ``unigram_entropy`` / ``mean_unigram_entropy`` — per-sample token-frequency entropy in nats (§6.2).
 * ``vlb_bits_per_bit`` — the monitoring bound of §6.4 for any denoiser callable.
 
@@ -94,7 +94,6 @@ def gen_ppl(
     score: Scorer,
     *,
     window: int,
-    batch_size: int = 8,
     min_bucket: int = 64,
 ) -> GenPPLResult:
     """Token-weighted generative perplexity of ``texts`` under an evaluator (spec §6.1).
@@ -103,31 +102,27 @@ def gen_ppl(
       texts: decoded samples.
       encode: the evaluator's tokenizer, text -> ids, without BOS/special tokens.
       score: jitted scorer (ids [B,L], mask [B,L]) -> (nll_sum [B], n_scored [B]), e.g.
-        ``jax.jit(functools.partial(gpt2.sequence_nll, params, cfg=cfg))``. It is called with a fixed
-        batch size and bucketed lengths (``bucket_length``), so it compiles once per bucket.
+        ``jax.jit(functools.partial(gpt2.sequence_nll, params, cfg=cfg))``. It is called on one
+        text at a time, at the bucketed length of that text (``bucket_length``), so it compiles once
+        per bucket and a text's score is a function of the text alone: the same program on the same
+        input whatever the other texts, their number or their order (the reference also scores
+        texts one at a time). Calls are dispatched without waiting for earlier results.
       window: the evaluator's context length (used only to choose buckets).
     Returns:
-      GenPPLResult with exp(Σ NLL / Σ scored tokens) over all texts (not a mean of per-text PPLs).
+      GenPPLResult with exp(Σ NLL / Σ scored tokens) over all texts (not a mean of per-text PPLs);
+      the totals are float64 sums in text order.
     """
     if not texts:
         raise ValueError("gen_ppl needs at least one text")
-    token_lists = [np.asarray(encode(t), dtype=np.int32) for t in texts]
-    buckets: dict[int, list[int]] = {}
-    for i, toks in enumerate(token_lists):
-        buckets.setdefault(bucket_length(len(toks), window=window, min_bucket=min_bucket), []).append(i)
-    sample_nll = np.zeros(len(texts), np.float64)
-    sample_tokens = np.zeros(len(texts), np.int64)
-    for length, members in sorted(buckets.items()):
-        for start in range(0, len(members), batch_size):
-            rows = members[start : start + batch_size]
-            ids = np.zeros((batch_size, length), np.int32)
-            mask = np.zeros((batch_size, length), bool)
-            for r, i in enumerate(rows):
-                ids[r, : len(token_lists[i])] = token_lists[i]
-                mask[r, : len(token_lists[i])] = True
-            nll, n = score(jnp.asarray(ids), jnp.asarray(mask))
-            sample_nll[rows] = np.asarray(nll, np.float64)[: len(rows)]
-            sample_tokens[rows] = np.asarray(n, np.int64)[: len(rows)]
+    pending = []
+    for text in texts:
+        tokens = np.asarray(encode(text), dtype=np.int32)
+        ids = np.zeros((1, bucket_length(len(tokens), window=window, min_bucket=min_bucket)), np.int32)
+        ids[0, : len(tokens)] = tokens
+        pending.append(score(ids, np.arange(ids.shape[1])[None] < len(tokens)))
+    scored = jax.device_get(pending)
+    sample_nll = np.asarray([nll[0] for nll, _ in scored], np.float64)
+    sample_tokens = np.asarray([n[0] for _, n in scored], np.int64)
     total_tokens = int(sample_tokens.sum())
     if total_tokens == 0:
         raise ValueError("no text has two or more tokens after re-tokenisation; GenPPL is undefined")

@@ -6,9 +6,10 @@ Pieces, from pure to I/O:
   cartesian product as lists of ``sampler.*`` overrides (``window_q`` values are written ``lo:hi``).
 * ``score_samples(texts, ids, evaluator)`` — GenPPL (re-tokenised with the evaluator's tokenizer,
   no BOS, windowed token-weighted corpus perplexity, §6.1) and mean per-sample unigram entropy of
-  the generator's token ids (§6.2).
+  the given token ids (§6.2; callers pass ``reference.entropy_ids``: base ids, not codes).
 * ``aggregate(rows)`` — mean ± std over seeds of every operating point (pure).
-* ``load_evaluator(spec)`` — a trained AR run directory or ``gpt2:DIR`` (Hugging Face GPT-2 files).
+* ``load_evaluator(spec, dtype)`` — a trained AR run directory or ``gpt2:DIR`` (Hugging Face GPT-2
+  files, float32 or bfloat16).
 * ``run_sweep(...)`` — draws and scores every (point, seed), appending each result to a JSONL
   file as soon as it is known; rows already in the file are reused, so an interrupted sweep
   continues where it stopped.
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bitgen.eval.metrics import gen_ppl, mean_unigram_entropy
+from bitgen.eval.reference import entropy_ids, reference_label, reference_rows
 from bitgen.eval.sample_cli import (
     LoadedModel,
     Sample,
@@ -44,6 +46,9 @@ from bitgen.eval.sample_cli import (
 POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
               "temperature", "top_p", "step")
 METRIC_KEYS = ("genppl", "entropy", "n_invalid_mean", "seconds")
+# Bump when how a row is scored changes; rows of another version are scored again, not reused
+# (2: texts scored one at a time, entropy on base ids of second-stage codes, reference labels).
+SCORING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,13 @@ def parse_sweep(spec: str) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def score_samples(texts: Sequence[str], ids: Sequence[Sequence[int]], evaluator: Evaluator, *,
-                  batch_size: int = 16) -> tuple[float, float]:
-    """(GenPPL under ``evaluator``, mean unigram entropy in nats of the generator's ids)."""
+def score_samples(texts: Sequence[str], ids: Sequence[Sequence[int]],
+                  evaluator: Evaluator) -> tuple[float, float]:
+    """(GenPPL under ``evaluator``, mean unigram entropy in nats of ``ids``). Each text is scored
+    alone (``gen_ppl``), so neither number depends on how texts are grouped or ordered beyond the
+    float64 rounding of the sums over texts."""
     result = gen_ppl(list(texts), evaluator.encode, _pow2_windows(evaluator.score, evaluator.window),
-                     window=evaluator.window, batch_size=batch_size,
-                     min_bucket=min(64, evaluator.window))
+                     window=evaluator.window, min_bucket=min(64, evaluator.window))
     return result.ppl, mean_unigram_entropy([np.asarray(i) for i in ids])
 
 
@@ -120,15 +126,17 @@ def point_key(row: dict[str, Any]) -> tuple:
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group rows by operating point; mean and (population) std over seeds of each metric.
 
-    Returns one dict per point, in first-seen order, with the point keys, ``seeds`` (list),
-    ``n`` (samples per seed) and ``<metric>_mean`` / ``<metric>_std``.
+    Returns one dict per point, in first-seen order, with the point keys, ``reference`` (real-data
+    rows: which rows), ``seeds`` (list), ``n`` (samples per seed) and ``<metric>_mean`` /
+    ``<metric>_std``.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(point_key(row), []).append(row)
+        groups.setdefault((point_key(row), row.get("reference")), []).append(row)
     table = []
     for members in groups.values():
         out = {k: members[0].get(k) for k in POINT_KEYS}
+        out["reference"] = members[0].get("reference")
         out["seeds"] = sorted(m["seed"] for m in members)
         out["n"] = members[0]["n"]
         for metric in METRIC_KEYS:
@@ -142,7 +150,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
     """The aggregated table as CSV (lists and tuples written as JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(POINT_KEYS) + ["seeds", "n"] + [f"{m}_{s}" for m in METRIC_KEYS for s in ("mean", "std")]
+    columns = (list(POINT_KEYS) + ["reference", "seeds", "n"]
+               + [f"{m}_{s}" for m in METRIC_KEYS for s in ("mean", "std")])
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -167,7 +176,8 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 def describe_point(row: dict[str, Any]) -> str:
     """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows"."""
     if row["model"] == "real data":
-        return "held-out rows"
+        test = (row.get("reference") or "heldout").startswith("test:")
+        return "test rows" if test else "held-out rows"
     if row["model"] == "iid unigram":
         return "tokens drawn independently"
     if row["model"] == "ar":
@@ -192,22 +202,41 @@ def _pm(mean: float | None, std: float | None, digits: int) -> str:
 # I/O: evaluators, reference rows, the sweep driver
 
 
-def load_evaluator(spec: str) -> Evaluator:
-    """``gpt2:DIR`` (HF GPT-2 config.json + weights + tokenizer.json) or an AR run directory."""
+def evaluator_dtype(dtype: str = "auto") -> str:
+    """``auto`` -> bfloat16 on accelerators (the reference's GPT-2 Large runs in bf16), else float32."""
+    import jax
+
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise SampleError(f"evaluator dtype {dtype!r} is not one of auto, float32, bfloat16")
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
+
+
+def load_evaluator(spec: str, dtype: str = "auto") -> Evaluator:
+    """``gpt2:DIR`` (HF GPT-2 config.json + weights + tokenizer.json, local files) or an AR run
+    directory (scored in its own compute dtype).
+
+    ``dtype`` (gpt2:DIR only, see ``evaluator_dtype``): bfloat16 holds the weights and runs the
+    matmuls in bf16 as the reference's ``hf_dtype=bfloat16`` evaluator; float32 keeps full precision.
+    """
     import jax
 
     if spec.startswith("gpt2:"):
         from bitgen.nn import gpt2
 
         model_dir = spec.removeprefix("gpt2:")
+        dtype = evaluator_dtype(dtype)
         try:
-            params, cfg = gpt2.load_gpt2(model_dir)
+            params, cfg = gpt2.load_gpt2(model_dir, compute_dtype=dtype)
             encode = gpt2.load_gpt2_encoder(model_dir)
         except FileNotFoundError as err:
             raise SampleError(f"evaluator {spec!r}: {err}") from err
+        if dtype == "bfloat16":
+            params = jax.tree.map(lambda p: p.astype(jax.numpy.bfloat16), params)
         _check_tokenizer(spec, encode, cfg.vocab_size)
         score = jax.jit(functools.partial(gpt2.sequence_nll, params, cfg=cfg))
-        return Evaluator(spec, encode, score, cfg.n_positions)
+        return Evaluator(f"{spec}@{dtype}", encode, score, cfg.n_positions)
     from bitgen.eval.sample_cli import load_model
     from bitgen.nn import ar
     from bitgen.train.task import ar_config
@@ -237,28 +266,32 @@ def _check_tokenizer(spec: str, encode: Callable[[str], Sequence[int]], vocab_si
                           "belong together")
 
 
-def reference_row(model: LoadedModel, evaluator: Evaluator, num: int) -> dict[str, Any]:
-    """The real-data point: the first ``num`` held-out rows decoded through the same pipeline."""
-    val = np.asarray(model.rows.val_rows[:num])
-    if len(val) == 0:
-        raise SampleError("the run's corpus has no held-out rows (data.val_fraction=0); the "
-                          "real-data reference needs some")
+def reference_row(model: LoadedModel, evaluator: Evaluator, num: int, reference: str = "heldout",
+                  test_source: str = "") -> dict[str, Any]:
+    """The real-data point: the first ``num`` reference rows (``reference.reference_rows``: the
+    held-out tail or the test split) decoded and scored through the samples' pipeline."""
     start = time.perf_counter()
-    texts = [model.rows.decode_text(r) for r in val]
-    ppl, entropy = score_samples(texts, list(val), evaluator)
+    label, rows = reference_rows(model, reference, num, test_source)
+    if len(rows) == 0:
+        raise SampleError("the run's corpus has no held-out rows (data.val_fraction=0); the "
+                          "real-data reference needs some, or use --reference test")
+    texts = [model.rows.decode_text(r) for r in rows]
+    ppl, entropy = score_samples(texts, [entropy_ids(model.rows, r) for r in rows], evaluator)
     return {**{k: None for k in POINT_KEYS}, "model": "real data", "evaluator": evaluator.name,
-            "seed": 0, "n": len(val),
-            "genppl": ppl, "entropy": entropy, "n_invalid_mean": 0.0,
+            "reference": label, "reference_num": num, "seed": 0, "n": len(rows),
+            "scoring": SCORING_VERSION, "genppl": ppl, "entropy": entropy, "n_invalid_mean": 0.0,
             "seconds": time.perf_counter() - start}
 
 
-def reference_point(model: LoadedModel, evaluator: Evaluator, num: int, out_jsonl: Path) -> dict[str, Any]:
+def reference_point(model: LoadedModel, evaluator: Evaluator, num: int, out_jsonl: Path,
+                    reference: str = "heldout", test_source: str = "") -> dict[str, Any]:
     """``reference_row``, reused from ``out_jsonl`` when already there, else computed and appended."""
-    want = min(num, len(model.rows.val_rows))
+    wanted = (reference_label(model, reference, test_source), num, evaluator.name, SCORING_VERSION)
     for row in read_rows(out_jsonl):
-        if row["model"] == "real data" and row["n"] == want and row["evaluator"] == evaluator.name:
+        if row["model"] == "real data" and wanted == (row.get("reference"), row.get("reference_num"),
+                                                      row["evaluator"], row.get("scoring")):
             return row
-    row = reference_row(model, evaluator, num)
+    row = reference_row(model, evaluator, num, reference, test_source)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     with out_jsonl.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -311,7 +344,8 @@ def run_sweep(model: LoadedModel, evaluator: Evaluator | None, out_jsonl: Path, 
     """
     from bitgen.config import apply_overrides
 
-    done = {(point_key(r), r["seed"], r["n"]): r for r in read_rows(out_jsonl)}
+    done = {(point_key(r), r["seed"], r["n"]): r for r in read_rows(out_jsonl)
+            if r.get("scoring") == SCORING_VERSION}
     if model.task == "ar":
         configs = [(model.cfg.sampler, t) for t in temperatures]
     else:
@@ -345,8 +379,10 @@ def run_sweep(model: LoadedModel, evaluator: Evaluator | None, out_jsonl: Path, 
                 log(f"  {row['model']} {describe_point(row)} nfe={row['nfe']} seed={seed}: drew {num} "
                     f"samples ({time.perf_counter() - start:.1f} s)")
                 continue
-            ppl, entropy = score_samples([s.text for s in samples], [s.ids for s in samples], evaluator)
-            row.update(seed=seed, n=num, genppl=ppl, entropy=entropy, seconds=seconds,
+            ppl, entropy = score_samples([s.text for s in samples],
+                                         [entropy_ids(model.rows, s.ids) for s in samples], evaluator)
+            row.update(seed=seed, n=num, scoring=SCORING_VERSION, genppl=ppl, entropy=entropy,
+                       seconds=seconds,
                        n_invalid_mean=float(np.mean([s.n_invalid for s in samples])))
             with out_jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -32,8 +32,20 @@ from bitgen.sampling.settings import SamplerSettings, build_settings, churn_gamm
 __all__ = [
     "SampleResult", "SamplerSettings", "StepSchedule", "ati_label", "build_sampler",
     "build_settings", "churn_gammas", "matched_filter_denoiser", "sample", "sample_from_noise",
-    "sampler_step", "step_schedule",
+    "sampler_step", "sdt_denoiser", "step_schedule",
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def sdt_denoiser(model_cfg: ModelConfig):
+    """The SDT bound to ``model_cfg``, one object per config value.
+
+    The denoiser is a static argument of the jitted samplers, compared by identity; a fresh
+    ``functools.partial`` per call would recompile the sampler every time.
+    """
+    from bitgen.diffusion.denoiser import denoise
+
+    return functools.partial(denoise, cfg=model_cfg)
 
 
 def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, table: EntropyTable | None,
@@ -42,8 +54,9 @@ def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, table: Ent
     """Resolve grid and settings on the host; return ``fn(params, key, batch=None) -> SampleResult``.
 
     ``denoiser`` defaults to the SDT (``bitgen.diffusion.denoiser.denoise`` bound to model_cfg).
-    ``batch`` defaults to ``sampler_cfg.batch_size``. The returned function is jitted once per
-    batch size.
+    ``batch`` defaults to ``sampler_cfg.batch_size``. The sampler compiles once per (settings,
+    batch, parameter shapes, denoiser): the default denoiser is one object per model config, so
+    samplers built again with equal settings (another seed, another sweep visit) reuse the program.
     """
     if seq_bits != model_cfg.seq_bits:
         raise ValueError(f"seq_bits={seq_bits} does not match the model's "
@@ -53,8 +66,7 @@ def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, table: Ent
     settings = build_settings(sampler_cfg, grid, seq_bits=seq_bits, table=table,
                               diffusion_cfg=diffusion_cfg)
     if denoiser is None:
-        from bitgen.diffusion.denoiser import denoise
-        denoiser = functools.partial(denoise, cfg=model_cfg)
+        denoiser = sdt_denoiser(model_cfg)
     grid_device = jnp.asarray(grid)
 
     def draw(params, key: jax.Array, batch: int | None = None) -> SampleResult:
