@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from bitgen.errors import BitgenError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "convert": ("bitgen.convert", "convert official CoBit PyTorch checkpoints to bitgen params and back"),
@@ -46,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except Exception as err:
-        # bitgen's own error classes carry a message naming the problem and the fix; print it
-        # without a traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
-        if type(err).__module__.startswith("bitgen.") and not os.environ.get("BITGEN_TRACEBACK"):
-            print(f"bitgen {command}: {err}", file=sys.stderr)
+        # bitgen's own errors (BitgenError, and the older per-module classes defined in bitgen)
+        # carry a message naming the problem and the fix; print it as one line without a
+        # traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
+        ours = isinstance(err, BitgenError) or type(err).__module__.startswith("bitgen.")
+        if ours and not os.environ.get("BITGEN_TRACEBACK"):
+            print(f"bitgen {command}: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         raise
 
