@@ -68,7 +68,8 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
 
     points = parse_sweep(args.sweep)
     model = load_model(args.run_dir, args.checkpoint, config=args.config, table=args.table,
-                       weights=args.weights)
+                       weights=args.weights, step=args.step)
+    log(f"model: {model.source} (step {model.step})")
     out_dir = Path(args.out_dir or Path(args.run_dir or args.checkpoint) / "eval")
     results = out_dir / "results.jsonl"
     log(f"evaluator: {args.evaluator}")
