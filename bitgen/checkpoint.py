@@ -194,18 +194,17 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def verify_arrays(tree: Any, expected: dict[str, str], where: str) -> None:
+def verify_arrays(tree: Any, expected: dict[str, str]) -> None:
     """Raise DamagedCheckpointError when restored arrays differ from their saved checksums or hold
     NaN/Inf (a saved train state never does: the train step refuses non-finite updates)."""
     wrong, non_finite = checksum.mismatches(tree, expected)
     if wrong:
         raise DamagedCheckpointError(
-            f"{where}: {len(wrong)} array(s) differ from their saved checksums ({', '.join(wrong[:3])}"
-            f"{', …' if len(wrong) > 3 else ''}); the files are damaged")
+            f"{len(wrong)} array(s) differ from their saved checksums: {', '.join(wrong[:3])}"
+            f"{', …' if len(wrong) > 3 else ''}")
     if non_finite:
         raise DamagedCheckpointError(
-            f"{where}: restored array(s) hold NaN/Inf ({', '.join(non_finite[:3])}), which a saved "
-            "state never does; the files are damaged")
+            f"array(s) hold NaN/Inf, which a saved state never does: {', '.join(non_finite[:3])}")
 
 
 class Checkpointer:
@@ -323,7 +322,8 @@ class Checkpointer:
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 restored, error = None, err
             if _any_process(error is not None):
-                reason = one_line(error) if error is not None else "unreadable on another process"
+                reason = ("unreadable on another process" if error is None else str(error)
+                          if isinstance(error, BitgenError) else one_line(error))
                 if not fallback:
                     older = [s for s in steps if s < candidate]
                     hint = (f"pass fallback=True (CLI: --resume-fallback) to use step {older[-1]} and "
@@ -352,7 +352,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         state = _rewrap_keys(restored["state"], abstract_state)
-        verify_arrays(state, meta.get("checksums", {}), f"checkpoint {where}")
+        verify_arrays(state, meta.get("checksums", {}))
         return Restored(step=step, state=state, metadata=meta, data_restored=data_restored)
 
 
@@ -385,13 +385,14 @@ def restore_params(directory: str | Path, abstract_params: Any, *, step: int | N
                     partial_restore=True,
                 ),
             ))
+            verify_arrays(restored["state"], restored["meta"].get("checksums", {}))
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
-            older = [s for s in manager.all_steps() if s < step]
-            hint = f"read an older step (have {sorted(older)})" if older else "no older step exists"
-            raise DamagedCheckpointError(f"checkpoint {where} cannot be read ({one_line(err)}); "
-                                         f"it is damaged or was written for another config; {hint}"
-                                         ) from err
-        verify_arrays(restored["state"], restored["meta"].get("checksums", {}), f"checkpoint {where}")
+            older = sorted(s for s in manager.all_steps() if s < step)
+            reason = str(err) if isinstance(err, BitgenError) else one_line(err)
+            raise DamagedCheckpointError(
+                f"checkpoint {where} cannot be read ({reason}); it is damaged or was written for "
+                f"another config; {f'read an older step (CLI: --step N), have {older}' if older else 'no older step exists'}"
+            ) from err
         return restored["state"][which]
     finally:
         manager.close()

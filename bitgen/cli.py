@@ -26,6 +26,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _drop_closed_loop_noise(hook):
+    """``sys.unraisablehook`` without the "Event loop is closed" reports that TensorStore read
+    callbacks raise when they complete after orbax has closed its event loop on a failed restore
+    (harmless leftovers of an error already reported; dozens of tracebacks otherwise)."""
+
+    def filtered(unraisable) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            hook(unraisable)
+
+    return filtered
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     top = argparse.ArgumentParser(
@@ -45,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     # Intermixed parsing lets `key=value` overrides and --flags come in any order.
     args = parser.parse_intermixed_args(argv[1:])
+    if not os.environ.get("BITGEN_TRACEBACK"):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     try:
         return int(module.run(args) or 0)
     except Exception as err:

@@ -259,7 +259,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     d = cfg.diffusion
     if not 0 < d.sigma_min < d.sigma_max:
-        raise ConfigError("diffusion: need 0 < sigma_min < sigma_max")
+        raise ConfigError(f"diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max={d.sigma_max} "
+                          "must satisfy 0 < sigma_min < sigma_max")
     s = cfg.sampler
     if s.nfe < 3:
         raise ConfigError(f"sampler.nfe={s.nfe} must be >= 3 (the grid has nfe-1 points)")

@@ -6,14 +6,20 @@ The ``bitgen`` command prints a ``BitgenError`` as one line and exits with statu
 
 from __future__ import annotations
 
+import re
+
+# Annotations libraries append to messages (TensorStore: `` [tensorstore_spec='{...}']``).
+_ANNOTATION = re.compile(r"\s\[[\w.\[\]]+=.*$")
+
 
 class BitgenError(Exception):
     """A problem the user can fix; ``str(err)`` is one line naming the problem and the fix."""
 
 
-def one_line(err: BaseException, limit: int = 240) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (for wrapping foreign errors)."""
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` for wrapping foreign errors; a longer one keeps its
+    start and its end (where nested library errors put the root cause)."""
     text = str(err).strip().splitlines()
-    first = text[0].strip() if text else ""
+    first = _ANNOTATION.sub("", text[0].strip()) if text else ""
     summary = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return summary if len(summary) <= limit else summary[: limit - 1] + "…"
+    return summary if len(summary) <= limit else f"{summary[: limit // 3]} … {summary[-limit // 2:]}"
