@@ -194,6 +194,11 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
+def _reason(err: Exception) -> str:
+    """One line on why a step failed: bitgen's own message, or a library error's root cause."""
+    return str(err) if isinstance(err, BitgenError) else one_line(err)
+
+
 def verify_arrays(tree: Any, expected: dict[str, str]) -> None:
     """Raise DamagedCheckpointError when restored arrays differ from their saved checksums or hold
     NaN/Inf (a saved train state never does: the train step refuses non-finite updates)."""
@@ -322,13 +327,12 @@ class Checkpointer:
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
                 restored, error = None, err
             if _any_process(error is not None):
-                reason = ("unreadable on another process" if error is None else str(error)
-                          if isinstance(error, BitgenError) else one_line(error))
+                reason = _reason(error) if error is not None else "unreadable on another process"
                 if not fallback:
                     older = [s for s in steps if s < candidate]
                     hint = (f"pass fallback=True (CLI: --resume-fallback) to use step {older[-1]} and "
-                            "move this one aside" if older else "no older step is left; start a new "
-                            "--run-dir")
+                            "move this one aside, or pick an older one with --resume-from STEP"
+                            if older else "no older step is left; start a new --run-dir")
                     raise DamagedCheckpointError(
                         f"checkpoint {where} cannot be read ({reason}); {hint}") from error
                 log.warning("checkpoint %s is damaged (%s); trying an older one", where, reason)
@@ -388,9 +392,8 @@ def restore_params(directory: str | Path, abstract_params: Any, *, step: int | N
             verify_arrays(restored["state"], restored["meta"].get("checksums", {}))
         except Exception as err:  # orbax/tensorstore raise many types for damaged files
             older = sorted(s for s in manager.all_steps() if s < step)
-            reason = str(err) if isinstance(err, BitgenError) else one_line(err)
             raise DamagedCheckpointError(
-                f"checkpoint {where} cannot be read ({reason}); it is damaged or was written for "
+                f"checkpoint {where} cannot be read ({_reason(err)}); it is damaged or was written for "
                 f"another config; {f'read an older step (CLI: --step N), have {older}' if older else 'no older step exists'}"
             ) from err
         return restored["state"][which]
