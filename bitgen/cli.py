@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 
@@ -27,13 +28,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _drop_closed_loop_noise(hook):
-    """``sys.unraisablehook`` without the "Event loop is closed" reports that TensorStore read
-    callbacks raise when they complete after orbax has closed its event loop on a failed restore
-    (harmless leftovers of an error already reported; dozens of tracebacks otherwise)."""
+    """``sys.unraisablehook`` without the leftovers of a failed orbax restore: the read coroutines
+    orbax abandons and the "Event loop is closed" reports of TensorStore callbacks completing after
+    its event loop has gone. The failure itself is reported as one line; these would add dozens of
+    tracebacks (BITGEN_TRACEBACK=1 keeps them)."""
 
     def filtered(unraisable) -> None:
-        exc = unraisable.exc_value
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        exc, obj = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        orbax_read = inspect.iscoroutine(obj) and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename
+        if not (closed_loop or orbax_read):
             hook(unraisable)
 
     return filtered

@@ -17,8 +17,11 @@ class BitgenError(Exception):
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message`` for wrapping foreign errors; a longer one keeps its
-    start and its end (where nested library errors put the root cause)."""
+    """``Type: first line of the message`` of a foreign error's root cause (the innermost
+    ``raise ... from``); a longer one keeps its start and its end (where nested library errors put
+    the detail)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
     text = str(err).strip().splitlines()
     first = _ANNOTATION.sub("", text[0].strip()) if text else ""
     summary = f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -199,6 +199,22 @@ def test_damaged_step_is_refused_then_moved_aside_and_passed(kind, cfg, full, at
     assert max_param_difference(run, full) == 0.0
 
 
+def test_the_command_reports_damage_in_exactly_one_line(at_4, tmp_path):
+    # In a real process (pytest intercepts them otherwise): a failed orbax read leaves abandoned
+    # coroutines and closed-event-loop callbacks that Python would report as dozens of tracebacks.
+    run = copy_run(at_4, tmp_path / "run")
+    DAMAGE["data file deleted"](run / "checkpoints" / "4")
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env.pop("BITGEN_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "bitgen.cli", "train", "--config", "demo_cpu", *TINY,
+                           "--run-dir", str(run), "--resume", "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert done.stderr.startswith("bitgen train: checkpoint ") and "--resume-fallback" in done.stderr
+
+
 def test_non_finite_values_are_checkpoint_damage(tmp_path):
     # The train step never lets a NaN into the state, so a restored one means damage, not a
     # learning-rate problem, even when the checksums agree (they were taken of the same values).
@@ -276,6 +292,13 @@ def test_library_errors_are_cut_to_one_line_with_their_root_cause():
     text = one_line(nested)
     assert text.startswith("ValueError: DATA_LOSS") and text.endswith("minimum length (16)")
     assert "\n" not in text and len(text) <= 310
+    try:  # orbax wraps the TensorStore error; the cause is what names the damage
+        try:
+            raise nested
+        except ValueError as cause:
+            raise RuntimeError("Encountered error while reading array index") from cause
+    except RuntimeError as wrapped:
+        assert one_line(wrapped) == text
 
 
 def test_closed_event_loop_reports_are_dropped_and_others_kept():
@@ -283,12 +306,19 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept():
 
     from bitgen.cli import _drop_closed_loop_noise
 
+    async def ours():
+        pass
+
     seen = []
     hook = _drop_closed_loop_noise(seen.append)
-    hook(SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
-    other = SimpleNamespace(exc_value=RuntimeError("something else"))
-    hook(other)
-    assert seen == [other]
+    hook(SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))
+    coroutine = ours()  # not orbax's: kept
+    others = [SimpleNamespace(exc_value=RuntimeError("something else"), object=None),
+              SimpleNamespace(exc_value=Exception("read failed"), object=coroutine)]
+    for other in others:
+        hook(other)
+    coroutine.close()
+    assert seen == others
 
 
 # -- the checksum itself -------------------------------------------------------------------------
