@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
+
+from bitgen.errors import BitgenError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -22,6 +25,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bitgen.demo", "train CoBit, AR and an evaluator on the embedded corpus and compare them"),
     "bench": ("bitgen.bench", "measure throughput, sampler overhead and head memory"),
 }
+
+
+def _drop_closed_loop_noise(hook):
+    """``sys.unraisablehook`` without the leftovers of a failed orbax restore: the read coroutines
+    orbax abandons and the "Event loop is closed" reports of TensorStore callbacks completing after
+    its event loop has gone. The failure itself is reported as one line; these would add dozens of
+    tracebacks (BITGEN_TRACEBACK=1 keeps them)."""
+
+    def filtered(unraisable) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        orbax_read = inspect.iscoroutine(obj) and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename
+        if not (closed_loop or orbax_read):
+            hook(unraisable)
+
+    return filtered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     # Intermixed parsing lets `key=value` overrides and --flags come in any order.
     args = parser.parse_intermixed_args(argv[1:])
+    if not os.environ.get("BITGEN_TRACEBACK"):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     try:
         return int(module.run(args) or 0)
     except Exception as err:
-        # bitgen's own error classes carry a message naming the problem and the fix; print it
-        # without a traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
-        if type(err).__module__.startswith("bitgen.") and not os.environ.get("BITGEN_TRACEBACK"):
-            print(f"bitgen {command}: {err}", file=sys.stderr)
+        # bitgen's own errors (BitgenError, and the older per-module classes defined in bitgen)
+        # carry a message naming the problem and the fix; print it as one line without a
+        # traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
+        ours = isinstance(err, BitgenError) or type(err).__module__.startswith("bitgen.")
+        if ours and not os.environ.get("BITGEN_TRACEBACK"):
+            print(f"bitgen {command}: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         raise
 

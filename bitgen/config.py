@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitgen.errors import BitgenError
 
-class ConfigError(ValueError):
+
+class ConfigError(BitgenError, ValueError):
     """A configuration value or file is invalid; the message names the key and the fix."""
 
 
@@ -158,7 +160,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 50_000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the latest N checkpoints are kept ...
+    keep_every: int = 0  # ... and every step that is a multiple of this (0 = none)
     sample_every: int = 0  # 0 = never
     run_dir: str = "runs/default"
 
@@ -209,8 +212,47 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# key -> (test, what a working value is): every value that cannot work, refused before a run starts.
+_POSITIVE, _NON_NEGATIVE, _UNIT, _FRACTION = ((lambda v: v > 0), "> 0"), ((lambda v: v >= 0), ">= 0"), \
+    ((lambda v: 0 <= v < 1), "in [0, 1)"), ((lambda v: 0 <= v <= 1), "in [0, 1]")
+_RANGES: dict[str, tuple[Any, str]] = {
+    **{f"model.{k}": _POSITIVE for k in ("seq_tokens", "embed_dim", "n_heads", "n_blocks", "dim_ff",
+                                         "content_dim", "head_hidden", "rope_base", "mf_clip")},
+    **{f"model.{k}": _NON_NEGATIVE for k in ("n_fourier_global", "n_fourier_local")},
+    "model.dropout": _UNIT,
+    **{f"diffusion.{k}": _POSITIVE for k in ("sigma_data", "p_std", "rho")},
+    "diffusion.self_condition_prob": _FRACTION,
+    **{f"entropy.{k}": _POSITIVE for k in ("buffer_size", "num_bins", "update_every")},
+    **{f"entropy.{k}": _NON_NEGATIVE for k in ("min_per_bin", "warmup_steps", "transition_steps",
+                                              "regularizer_c", "regularizer_n")},
+    "entropy.gamma_max": _FRACTION,
+    **{f"sampler.{k}": _POSITIVE for k in ("terminal_sigma", "s_noise", "batch_size")},
+    "sampler.ati_eta": _NON_NEGATIVE,
+    "data.batch_size": _POSITIVE,
+    "data.val_fraction": _UNIT,
+    **{f"optim.{k}": _POSITIVE for k in ("lr", "eps", "grad_clip")},
+    **{f"optim.{k}": _NON_NEGATIVE for k in ("min_lr", "weight_decay", "warmup_steps")},
+    **{f"optim.{k}": _UNIT for k in ("b1", "b2", "ema_decay")},
+    **{f"mesh.{k}": ((lambda v: v == -1 or v >= 1), "-1 (fill) or >= 1") for k in ("data", "fsdp", "tensor")},
+    **{f"train.{k}": _POSITIVE for k in ("steps", "log_every", "ckpt_every", "keep_checkpoints")},
+    **{f"train.{k}": ((lambda v: v >= 0), ">= 0 (0 = off)") for k in ("keep_every", "sample_every")},
+}
+
+
+def _check_ranges(flat: dict[str, Any]) -> None:
+    for section, fields in flat.items():
+        for name, value in (fields.items() if isinstance(fields, dict) else ()):
+            key = f"{section}.{name}"
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{key}={value} is not finite; give a finite number")
+            test, allowed = _RANGES.get(key, (None, ""))
+            if test is not None and not test(value):
+                raise ConfigError(f"{key}={value!r} cannot work: it must be {allowed}")
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check cross-field invariants once; raise ConfigError naming the key and the fix."""
+    """Check every value and cross-field invariant once; raise ConfigError naming the key and the fix."""
     flat = to_dict(cfg)
     if cfg.task not in ("cobit", "ar"):
         raise ConfigError(f"task={cfg.task!r} is not one of ('cobit', 'ar')")
@@ -219,6 +261,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         value = flat[section][name]
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    _check_ranges(flat)
     m = cfg.model
     if m.embed_dim % m.n_heads:
         raise ConfigError(
@@ -230,11 +273,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("model.embed_dim must be even (interleaved cos/sin sigma embedding)")
     if not 1 <= m.patch_size <= 32:
         raise ConfigError(f"model.patch_size={m.patch_size} must be in [1, 32] bits")
-    for name in ("seq_tokens", "n_blocks", "dim_ff", "content_dim", "head_hidden"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.head_chunk_tokens < 0 or (m.head_chunk_tokens and m.seq_tokens % m.head_chunk_tokens):
         raise ConfigError(
             f"model.head_chunk_tokens={m.head_chunk_tokens} must be 0 (off) or a positive divisor "
@@ -242,7 +280,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         )
     d = cfg.diffusion
     if not 0 < d.sigma_min < d.sigma_max:
-        raise ConfigError("diffusion: need 0 < sigma_min < sigma_max")
+        raise ConfigError(f"diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max={d.sigma_max} "
+                          "must satisfy 0 < sigma_min < sigma_max")
     s = cfg.sampler
     if s.nfe < 3:
         raise ConfigError(f"sampler.nfe={s.nfe} must be >= 3 (the grid has nfe-1 points)")
@@ -255,6 +294,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("data.vocab_size must be >= 2")
     if cfg.optim.grad_accum < 1:
         raise ConfigError("optim.grad_accum must be >= 1")
+    if cfg.train.steps <= cfg.optim.warmup_steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} must exceed "
+                          f"optim.warmup_steps={cfg.optim.warmup_steps}; raise one or lower the other")
     if cfg.data.batch_size % cfg.optim.grad_accum:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bitgen.config import ConfigError, ModelConfig, from_dict, to_dict
+from bitgen.errors import BitgenError, one_line
 from bitgen.nn.sdt import sigma_frequencies
 
 FREQ_KEY = "time_fn._freq"
@@ -35,8 +37,35 @@ _KEY_PREFIXES = ("module.", "_orig_mod.")
 _NESTED_STATE_KEYS = ("ema", "ema_state_dict", "model_ema", "model", "state_dict", "model_state_dict")
 
 
-class ConversionError(ValueError):
-    """A checkpoint does not match the model; the message names each offending key."""
+class ConversionError(BitgenError, ValueError):
+    """A file cannot be read or does not match the model; the message names the key or the fix."""
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (CRC-checked by zipfile); ConversionError when it cannot be read."""
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist; check the path")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:  # numpy/zipfile raise many types for damaged files
+        raise ConversionError(f"cannot read {path} as .npz ({one_line(err)}); the file is damaged "
+                              "or not an .npz written by numpy") from err
+
+
+def _check_zip(path: Path) -> None:
+    """A zip-format PyTorch file whose member CRCs do not match is damaged: say so before torch
+    reports it as something else."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # zipfile raises several types for a damaged archive
+        bad = one_line(err)
+    if bad is not None:
+        raise ConversionError(f"{path} is damaged (zip member {bad} fails its CRC check); "
+                              "download or copy it again")
 
 
 def official_to_bitgen_name(key: str) -> tuple[str, ...]:
@@ -300,13 +329,12 @@ def load_official_state_dict(path: str | Path, state_key: str | None = None, *,
     ``allow_pickle=True`` (only for files you trust — unpickling can run code).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".npz":
         if state_key is not None:
             raise ConversionError("--state-key applies to PyTorch checkpoints, not .npz")
-        with np.load(path, allow_pickle=False) as data:
-            state = {k: data[k] for k in data.files}
+        state = _read_npz(path)
     else:
         try:
             import torch
@@ -314,15 +342,19 @@ def load_official_state_dict(path: str | Path, state_key: str | None = None, *,
             raise ConversionError(
                 f"reading {path.name} needs PyTorch: pip install 'bitgen[torch]' (torch==2.13.0, CPU "
                 "is enough), or export the state dict to .npz with numpy") from None
+        _check_zip(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-        except Exception as err:
-            if allow_pickle:
-                raise
-            raise ConversionError(
-                f"{path.name} holds more than tensors (optimizer/EMA objects) and torch refused to "
-                f"unpickle it safely ({type(err).__name__}); if you trust the file, re-run with "
-                "--allow-pickle") from err
+        except Exception as err:  # torch raises many types for damaged or foreign files
+            # torch's weights-only unpickler refuses objects other than tensors with this phrase;
+            # anything else means the file is not a readable PyTorch checkpoint.
+            if not allow_pickle and "Weights only load failed" in str(err):
+                raise ConversionError(
+                    f"{path.name} holds more than tensors (optimizer/EMA objects) and torch refused "
+                    "to unpickle it safely; if it is a training checkpoint you trust, re-run with "
+                    "--allow-pickle") from err
+            raise ConversionError(f"cannot read {path} ({one_line(err)}); the file is damaged or "
+                                  "not a PyTorch checkpoint") from err
         selected, where = _select_state(obj, state_key)
         print(f"using the weights at {where} of {path.name}")
         state = {k: v.detach().to(torch.float32).numpy() if hasattr(v, "detach") else np.asarray(v)
@@ -334,17 +366,21 @@ def save_params(path: str | Path, params: Mapping, cfg: ModelConfig) -> None:
     """bitgen params -> ``.npz`` keyed by ``/``-joined paths, with the ModelConfig as JSON inside."""
     flat = {"/".join(p): np.asarray(v) for p, v in _flatten(params).items()}
     flat["__model_config__"] = np.asarray(json.dumps(to_dict(cfg)))
-    np.savez(path, **flat)
+    _save_npz(Path(path), flat)
 
 
 def load_params(path: str | Path) -> tuple[dict, ModelConfig]:
     """Inverse of ``save_params``: (params, ModelConfig)."""
-    with np.load(path, allow_pickle=False) as data:
-        if "__model_config__" not in data.files:
-            raise ConversionError(f"{path} is not a bitgen params file (no __model_config__ entry)")
-        cfg = from_dict(json.loads(str(data["__model_config__"])), ModelConfig)
-        flat = {tuple(k.split("/")): data[k] for k in data.files if k != "__model_config__"}
-    return _unflatten(flat), cfg
+    data = _read_npz(Path(path))
+    if "__model_config__" not in data:
+        raise ConversionError(f"{path} is not a bitgen params file (no __model_config__ entry); "
+                              "convert official weights without --to official")
+    try:
+        cfg = from_dict(json.loads(str(data.pop("__model_config__"))), ModelConfig)
+    except (ValueError, TypeError) as err:
+        raise ConversionError(f"{path}: its __model_config__ entry cannot be read ({one_line(err)}); "
+                              "the file is damaged") from err
+    return _unflatten({tuple(k.split("/")): v for k, v in data.items()}), cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -365,16 +401,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read full training checkpoints (unpickles objects: trusted files only)")
 
 
+def _read_official_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read --official-config {path} ({one_line(err)}); give the "
+                              "official sdt_config.json") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConversionError(f"--official-config {path} has no 'model' section; give the official "
+                              "sdt_config.json")
+    return config
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    try:
+        np.savez(path, **arrays)
+    except OSError as err:
+        raise ConversionError(f"cannot write {path} ({one_line(err)}); check that its directory "
+                              "exists and is writable") from err
+
+
 def run(args: argparse.Namespace) -> int:
     if args.to == "official":
         params, cfg = load_params(args.source)
-        np.savez(args.dest, **to_official(params, cfg))
+        _save_npz(args.dest, to_official(params, cfg))
         print(f"wrote official state dict ({sum(np.size(v) for v in _flatten(params).values()):,} "
               f"parameters) to {args.dest}")
         return 0
     state = load_official_state_dict(args.source, args.state_key, allow_pickle=args.allow_pickle)
     if args.official_config is not None:
-        cfg = model_config_from_official(json.loads(args.official_config.read_text()))
+        try:
+            cfg = model_config_from_official(_read_official_config(args.official_config))
+        except BitgenError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(f"--official-config {args.official_config} lacks or garbles a "
+                                  f"model field ({one_line(err)}); give the official sdt_config.json"
+                                  ) from err
     else:
         embed_dim = np.shape(state.get("time_proj.weight", (0,)))[0]
         cfg = infer_model_config(state, ModelConfig(n_heads=args.n_heads or max(embed_dim // 64, 1)))

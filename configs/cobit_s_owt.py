@@ -34,7 +34,10 @@ def get_config() -> ExperimentConfig:
                         packing="window", code_policy="stop", batch_size=512),
         optim=OptimConfig(lr=3e-4, warmup_steps=2500, min_lr=1e-6),
         sampler=SamplerConfig(nfe=256, gamma=0.13),
-        train=TrainConfig(steps=1_000_000, log_every=100, ckpt_every=50_000, run_dir="runs/cobit_s_owt"),
+        # keep_every: the paper evaluates the 750K checkpoint, which keeping only the latest 3
+        # would delete; every 50K step is kept (CoBit-M inherits this).
+        train=TrainConfig(steps=1_000_000, log_every=100, ckpt_every=50_000, keep_every=50_000,
+                          run_dir="runs/cobit_s_owt"),
         eval=EvalConfig(num=1024, seeds="42,43,44,45,46,47,48,49,50,51", reference="test",
                         test_source="hf:openwebtext:train[-100000:]",
                         sweep="name=ddim grid=entropic nfe=256 gamma=0,0.13,0.175,0.18"),

@@ -186,3 +186,29 @@ def test_preemption_flag_catches_sigterm():
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.requested and flag.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is not flag._handle
+
+
+def test_keep_every_n_in_addition_to_the_last_n(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=2, keep_every=3)
+    setup.train(setup.fresh(), 0, 8, ckpt)
+    ckpt.close()
+    assert Checkpointer(tmp_path, save_every=1, keep=2).steps() == [3, 6, 7, 8]
+
+
+def test_saves_carry_one_checksum_per_array(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+    state, _ = setup.train(setup.fresh(), 0, 1, ckpt)
+    ckpt.close()
+    stored = Checkpointer(tmp_path, save_every=1, keep=1).metadata(1)["checksums"]
+    assert len(stored) == len(jax.tree.leaves(state)) and "ema_params/w_mid" in stored
+
+
+def test_set_aside_renames_and_frees_the_step_number(tmp_path, setup):
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=3)
+    state, _ = setup.train(setup.fresh(), 0, 2, ckpt)
+    ckpt.wait()
+    moved = ckpt.set_aside([2], damaged={2})
+    assert ckpt.steps() == [1] and moved[0].is_dir() and moved[0].name.startswith("2.damaged-")
+    assert ckpt.save(2, state, metadata={"config": to_dict(setup.cfg)}, force=True)
+    ckpt.close()
+    assert Checkpointer(tmp_path, save_every=1, keep=3).steps() == [1, 2]

@@ -59,3 +59,49 @@ def test_cli_reports_bitgen_errors_without_a_traceback(capsys):
     assert main(["data", "data.source=/no/such/corpus.txt", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bitgen data: ") and "does not exist" in err and "Traceback" not in err
+
+
+def test_owt_configs_keep_the_checkpoints_the_paper_evaluates():
+    for name in ("cobit_s_owt", "cobit_m_owt"):
+        train = load_config(name).train
+        assert train.keep_every == 50_000 and 750_000 % train.keep_every == 0
+        assert 750_000 % train.ckpt_every == 0  # the 750K step is saved at all
+
+
+# Values that cannot work, each refused by validation before a run starts, naming its key.
+BAD_VALUES = [
+    "model.n_heads=0", "model.n_heads=-2", "model.embed_dim=-64", "model.embed_dim=0",
+    "model.n_blocks=0", "model.seq_tokens=0", "model.patch_size=0", "model.dim_ff=-1",
+    "model.dropout=1", "model.mf_clip=0", "train.log_every=0", "train.ckpt_every=0",
+    "train.keep_checkpoints=0", "train.keep_every=-1", "train.sample_every=-1", "train.steps=0",
+    "entropy.update_every=0", "entropy.num_bins=0", "entropy.buffer_size=0",
+    "optim.lr=-1", "optim.lr=0", "optim.ema_decay=2", "optim.ema_decay=1", "optim.ema_decay=-0.1",
+    "optim.b2=1", "optim.eps=0", "optim.grad_clip=0", "optim.min_lr=-1", "optim.grad_accum=0",
+    "optim.warmup_steps=-1", "data.batch_size=0", "data.val_fraction=1", "mesh.data=0",
+    "sampler.gamma=inf", "sampler.gamma=-1", "sampler.s_noise=inf", "sampler.terminal_sigma=0",
+    "sampler.window_q=0,inf", "sampler.batch_size=0", "sampler.nfe=2",
+    "diffusion.sigma_max=inf", "diffusion.sigma_min=0", "diffusion.rho=0",
+    "diffusion.self_condition_prob=2",
+]
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_values_that_cannot_work_are_refused_by_name(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("demo_cpu", [override])
+
+
+def test_train_steps_must_exceed_the_warm_up():
+    with pytest.raises(ConfigError, match="train.steps=40 must exceed optim.warmup_steps=40"):
+        load_config("demo_cpu", ["train.steps=40"])
+
+
+def test_a_bad_value_stops_the_cli_before_the_run_directory_exists(tmp_path, capsys):
+    from bitgen.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", "demo_cpu", "model.n_heads=0", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.n_heads=0" in err and "Traceback" not in err
+    assert not run_dir.exists()

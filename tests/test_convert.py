@@ -158,3 +158,52 @@ def test_pytorch_checkpoints(tmp_path):
     np.testing.assert_array_equal(loaded["patch_proj.weight"], state["patch_proj.weight"])
     with pytest.raises(ConversionError, match="no entry 'ema'"):
         load_official_state_dict(tmp_path / "full.pt", "ema", allow_pickle=True)
+
+
+def _one_line_error(capsys, *argv) -> str:
+    assert cli.main(["convert", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path, capsys):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive" * 8)
+    out = tmp_path / "out.npz"
+    assert "does not exist" in _one_line_error(capsys, tmp_path / "missing.npz", out)
+    assert "cannot read" in _one_line_error(capsys, garbage, out)
+    assert "cannot read" in _one_line_error(capsys, garbage, out, "--to", "official")
+    np.savez(tmp_path / "official.npz", **official_state(SMALL))
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text("{oops")
+    assert "--official-config" in _one_line_error(capsys, tmp_path / "official.npz", out,
+                                                  "--official-config", bad_config)
+    assert "cannot write" in _one_line_error(capsys, tmp_path / "official.npz",
+                                             tmp_path / "no" / "such" / "dir.npz", "--n-heads", "2")
+
+
+def test_a_damaged_npz_is_named_damaged(tmp_path):
+    path = tmp_path / "official.npz"
+    np.savez(path, **official_state(SMALL))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside an array's bytes: its zip CRC no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="damaged"):
+        load_official_state_dict(path)
+
+
+def test_damaged_pytorch_files_are_not_sent_to_allow_pickle(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({k: torch.from_numpy(v) for k, v in official_state(SMALL).items()}, tmp_path / "w.pt")
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    (tmp_path / "garbage.pt").write_bytes(b"hello garbage" * 10)
+    for name in ("truncated.pt", "flipped.pt", "garbage.pt"):
+        for allow_pickle in (False, True):
+            with pytest.raises(ConversionError, match="damaged") as info:
+                load_official_state_dict(tmp_path / name, allow_pickle=allow_pickle)
+            assert "--allow-pickle" not in str(info.value)

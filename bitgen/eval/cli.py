@@ -107,7 +107,8 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     )
 
     model = load_model(args.run_dir, args.checkpoint, config=args.config, table=args.table,
-                       weights=args.weights)
+                       weights=args.weights, step=args.step)
+    log(f"model: {model.source} (step {model.step})")
     args = protocol(args, model.cfg.eval)
     points = parse_sweep(args.sweep)
     out_dir = Path(args.out_dir or Path(args.run_dir or args.checkpoint) / "eval")

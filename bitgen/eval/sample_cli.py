@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -131,13 +132,16 @@ def latest_entropy_table(run: Path | None, step: int | None = None):
 
 
 def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, config: str | None = None,
-               overrides: list[str] = (), table: str | None = None, weights: str = "ema") -> LoadedModel:
-    """Restore the parameters of a run (latest step) or a checkpoint directory for sampling.
+               overrides: list[str] = (), table: str | None = None, weights: str = "ema",
+               step: int | None = None) -> LoadedModel:
+    """Restore the parameters of a run or a checkpoint directory for sampling.
 
+    step: the checkpoint step to read (default: the newest; a damaged newest step is skipped,
+    with a warning, for the newest good one). The weights are verified against their checksums.
     overrides: ``sampler.*=value`` only (model/diffusion must match the checkpoint).
     table: a shipped table name or path; default the run's newest entropy table.
     """
-    from bitgen.checkpoint import CheckpointError, restore_params
+    from bitgen.checkpoint import DamagedCheckpointError, restore_params
     from bitgen.data.corpus import build_corpus_rows
     from bitgen.diffusion.entropy_schedule import load_entropy_table
     from bitgen.train.state import abstract_params
@@ -150,22 +154,29 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
     if bad:
         raise SampleError(f"only sampler.* overrides apply to a trained model, got {bad}; the model "
                           "and diffusion settings come from the checkpoint")
-    ckpt_dir, step, run = _checkpoint_location(run_dir, checkpoint)
+    ckpt_dir, path_step, run = _checkpoint_location(run_dir, checkpoint)
+    if step is not None and path_step is not None and step != path_step:
+        raise SampleError(f"--step {step} disagrees with the step directory {checkpoint}; give one")
+    step = path_step if step is None else step
     steps = _committed_steps(ckpt_dir) if ckpt_dir.is_dir() else []
     if not steps:
         raise SampleError(f"no checkpoint in {ckpt_dir}; train first (bitgen train ... --run-dir "
                           f"{run or ckpt_dir.parent}) or point --checkpoint at a checkpoints directory")
-    step = steps[-1] if step is None else step
-    cfg = apply_overrides(_run_config(config, run, ckpt_dir, step), list(overrides))
+    if step is not None and step not in steps:
+        raise SampleError(f"no checkpoint for step {step} in {ckpt_dir}; have steps {steps}")
+    candidates = [step] if step is not None else steps[::-1]
+    cfg = apply_overrides(_run_config(config, run, ckpt_dir, candidates[0]), list(overrides))
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens)
-    try:
-        params = restore_params(ckpt_dir, abstract_params(cfg, vocab_size=rows.codec.vocab_size),
-                                step=step, which=WEIGHTS[weights])
-    except CheckpointError as err:
-        raise SampleError(str(err)) from err
-    except Exception as err:  # orbax raises many types for shape mismatches and damaged files
-        raise SampleError(f"cannot restore {ckpt_dir / str(step)} with this config "
-                          f"({type(err).__name__}: {err}); pass the run's own --config") from err
+    target = abstract_params(cfg, vocab_size=rows.codec.vocab_size)
+    for k, step in enumerate(candidates):
+        try:
+            params = restore_params(ckpt_dir, target, step=step, which=WEIGHTS[weights])
+            break
+        except DamagedCheckpointError as err:
+            if k + 1 == len(candidates):
+                raise
+            logging.getLogger(__name__).warning("skipping step %d: %s; reading step %d instead",
+                                                step, err, candidates[k + 1])
     entropy_table = load_entropy_table(table) if table else latest_entropy_table(run, step)
     return LoadedModel(cfg, params, rows, entropy_table, step, str(ckpt_dir / str(step)))
 
@@ -290,6 +301,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="a training run directory (latest checkpoint)")
     source.add_argument("--checkpoint", help="a checkpoints directory or one <step> directory in it")
+    parser.add_argument("--step", type=int, help="checkpoint step to read (default: the newest good one)")
     parser.add_argument("--config", help="config name/path (default: the run's config.json)")
     parser.add_argument("--table", help="entropy table: lm1b | owt | owt_medium | .npz | directory "
                                         "(default: the run's newest entropy table)")
@@ -316,8 +328,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model = load_model(args.run_dir, args.checkpoint, config=args.config, overrides=args.overrides,
-                           table=args.table, weights=args.weights)
-        print(f"bitgen sample: {model.task} model from {model.source}", file=sys.stderr)
+                           table=args.table, weights=args.weights, step=args.step)
+        print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
+              file=sys.stderr)
         start = time.perf_counter()
         with PreemptionFlag() as flag:
             samples = generate(model, args.num, args.seed, temperature=args.temperature,

@@ -10,14 +10,16 @@ Examples::
     bitgen train --config cobit_s_owt --coordinator host0:1234 --num-processes 4 --process-id $I
 
 On SIGTERM/SIGINT the run checkpoints at the next step boundary and exits with 128+signal, so a
-scheduler can requeue it with ``--resume``.
+scheduler can requeue it with ``--resume``. A damaged checkpoint stops ``--resume`` with one line;
+``--resume-fallback`` continues from the newest good step and ``--resume-from STEP`` from a chosen
+one, renaming the later steps aside (``<step>.damaged-<time>`` / ``.superseded-<time>``).
+One process writes a run directory at a time (a second one stops, naming the holder).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="output directory (default: train.run_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--resume-fallback", action="store_true",
-                        help="with --resume: skip an unreadable latest checkpoint for the newest good one")
+                        help="with --resume: skip damaged checkpoints for the newest good one (the "
+                             "damaged steps are renamed aside, never deleted)")
+    parser.add_argument("--resume-from", type=int, metavar="STEP",
+                        help="continue from this checkpoint step (implies --resume); later steps "
+                             "are renamed aside")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     group = parser.add_argument_group("multi-process")
     group.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
@@ -39,31 +45,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitgen import parallel
-    from bitgen.config import ConfigError, load_config
+    from bitgen.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        # Before any other JAX call: jax.distributed must start first.
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
-                                        auto=args.multihost)
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"bitgen train: {err}", file=sys.stderr)
-        return 2
+    # Before any other JAX call: jax.distributed must start first.
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                    auto=args.multihost)
+    cfg = load_config(args.config, args.overrides)
 
-    from bitgen.checkpoint import CheckpointError, PreemptionFlag
-    from bitgen.train.loop import NonFiniteLossError, train
+    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.train.loop import train
 
-    run_dir = args.run_dir or cfg.train.run_dir
+    # bitgen's errors (config, checkpoint, lock, non-finite loss) reach `bitgen.cli`, which prints
+    # them as one line with exit status 2.
     with PreemptionFlag() as flag:
-        try:
-            result = train(cfg, run_dir, resume=args.resume, resume_fallback=args.resume_fallback,
-                           flag=flag, progress=not args.no_progress)
-        except (ConfigError, CheckpointError, NonFiniteLossError) as err:
-            print(f"bitgen train: {err}", file=sys.stderr)
-            return 1
+        result = train(cfg, args.run_dir or cfg.train.run_dir, resume=args.resume,
+                       resume_fallback=args.resume_fallback, resume_from=args.resume_from,
+                       flag=flag, progress=not args.no_progress)
     if result.preempted:
         return 128 + (flag.signum or 15)
     return 0

@@ -2,6 +2,7 @@
 
 Run directory layout::
 
+    <run_dir>/.bitgen.lock         held (flock) by the one process writing the run
     <run_dir>/config.json          the resolved ExperimentConfig
     <run_dir>/metrics.jsonl        one JSON line per logged step
     <run_dir>/tb/                  TensorBoard event files
@@ -15,6 +16,7 @@ step itself refuses non-finite updates, so the state in memory and on disk is ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,8 +31,16 @@ from jax.experimental import multihost_utils
 
 from bitgen import __version__ as bitgen_version
 from bitgen import parallel
-from bitgen.checkpoint import Checkpointer, CheckpointError, PreemptionFlag
+from bitgen.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    DamagedCheckpointError,
+    PreemptionFlag,
+    Restored,
+)
 from bitgen.config import ConfigError, ExperimentConfig, to_dict
+from bitgen.errors import BitgenError
+from bitgen.runlock import RunLock, RunLockedError
 from bitgen.train.optim import make_optimizer
 from bitgen.train.state import (
     TrainState,
@@ -44,7 +54,7 @@ from bitgen.train.task import build_task, sample_texts
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(BitgenError, FloatingPointError):
     """Training produced a NaN/Inf loss or gradient; no state after it was kept or saved."""
 
 
@@ -86,11 +96,20 @@ class _Logger:
             self.bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        # A resumed run repeats the steps after its checkpoint: drop their old lines.
+        # A resumed run repeats the steps after its checkpoint: drop their old lines. A line that
+        # is not JSON is the torn end of a write cut short by a crash: dropped with a warning.
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line) if line else None
+            except json.JSONDecodeError:
+                row = None
+                log.warning("%s line %d is not JSON (a write cut short?); dropped it",
+                            self.metrics_path, number)
+            if isinstance(row, dict) and row.get("step", step + 1) <= step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, rows: list[dict[str, Any]], window_seconds: float, window_steps: int) -> dict[str, Any]:
@@ -197,12 +216,56 @@ def _program(cfg: ExperimentConfig, mesh, vocab_size: int) -> _Program:
     return _Program(tx, init_fn, shardings, abstract, step_fn, task.step_fns.input_key)
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """Hold the run directory's lock (process 0 takes it; every process stops when it cannot)."""
+    lock, error = RunLock(run_dir), None
+    if _is_main():
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            error = err
+    if _agree(error is not None):
+        raise error or RunLockedError(f"process 0 could not lock {run_dir}; see its error")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resume(ckpt: Checkpointer, cfg: ExperimentConfig, abstract: TrainState, data_iter: Any, *,
+            fallback: bool, step: int | None) -> Restored:
+    """Restore the train state and data position; refuse a target below the checkpoint's step;
+    move the steps after the restored one aside (damaged or superseded) so training can pass them."""
+
+    def consistent(restored: Restored) -> None:
+        # batch k is the k-th of the iterator: a step-s checkpoint must sit at position s.
+        position = data_iter.get_state()
+        if restored.data_restored and position["next_index"] != restored.step:
+            raise DamagedCheckpointError(
+                f"its data position {position} does not match its step (expected "
+                f"next_index={restored.step}); the checkpoint is inconsistent")
+
+    restored = ckpt.restore(abstract, config=cfg, step=step, data_iter=data_iter, fallback=fallback,
+                            check=consistent)
+    if restored.step > cfg.train.steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} is below the checkpoint's step {restored.step}; set "
+            f"train.steps >= {restored.step} to continue this run"
+        )
+    after = [s for s in ckpt.steps() if s > restored.step]
+    if after:
+        ckpt.set_aside(after, damaged={s for s, _ in restored.damaged})
+    return restored
+
+
 def train(
     cfg: ExperimentConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
     resume_fallback: bool = False,
+    resume_from: int | None = None,
     flag: PreemptionFlag | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -214,15 +277,27 @@ def train(
     ``vocab_size``; ``bitgen.train.state.abstract_params(cfg, vocab_size=...)`` builds the target
     for ``bitgen.checkpoint.restore_params``.
 
+    The run directory is locked for the whole call (``bitgen.runlock``): a second writer raises
+    RunLockedError before anything is written.
     ``resume``: continue from the latest checkpoint in ``run_dir`` (required when one exists).
+    ``resume_fallback``: skip damaged steps for the newest good one. ``resume_from``: continue
+    from that step (implies ``resume``). Either way the steps after the restored one are renamed
+    aside (never deleted), so training can save their numbers again.
     ``flag``: polled at every step boundary; when set, the state is saved and the run returns
     with ``preempted=True``.
     """
+    run_dir = Path(run_dir)
+    with _run_lock(run_dir):
+        return _train(cfg, run_dir, resume=resume or resume_from is not None,
+                      fallback=resume_fallback, resume_from=resume_from,
+                      flag=flag or PreemptionFlag(), progress=progress)
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool,
+           resume_from: int | None, flag: PreemptionFlag, progress: bool) -> TrainResult:
     from bitgen.data.corpus import build_corpus_rows, document_summary
     from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
 
-    run_dir = Path(run_dir)
-    flag = flag or PreemptionFlag()
     mesh = parallel.make_mesh(cfg.mesh)
     main = _is_main()
 
@@ -239,30 +314,30 @@ def train(
 
     vocab_size = rows.codec.vocab_size
     program = _program(cfg, mesh, vocab_size)
-    abstract = program.abstract
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.ckpt_every,
-                        keep=cfg.train.keep_checkpoints)
+                        keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
     data_iter = make_batch_iterator(dataset)
-    if ckpt.latest_step() is not None:
-        if not resume:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints (latest step {ckpt.latest_step()}); pass "
-                "--resume to continue it or choose another --run-dir"
-            )
-        restored = ckpt.restore(abstract, config=cfg, data_iter=data_iter, fallback=resume_fallback)
-        state, start = restored.state, restored.step
-        if not restored.data_restored:  # other process layout: batch k is a pure function of k
-            data_iter = make_batch_iterator(dataset, start_batch=start)
-        if data_iter.get_state()["next_index"] != start:
-            raise CheckpointError(
-                f"checkpoint step {start} stores data position {data_iter.get_state()} (expected "
-                f"next_index={start}); the checkpoint is inconsistent, resume from another step"
-            )
-    else:
-        state, start = create_train_state(program.init_fn, program.shardings), 0
+    try:
+        if ckpt.latest_step() is not None:
+            if not resume:
+                raise CheckpointError(
+                    f"{run_dir} already holds checkpoints (latest step {ckpt.latest_step()}); pass "
+                    "--resume to continue it or choose another --run-dir"
+                )
+            restored = _resume(ckpt, cfg, program.abstract, data_iter, fallback=fallback,
+                               step=resume_from)
+            state, start = restored.state, restored.step
+            if not restored.data_restored:  # other process layout: batch k is a pure function of k
+                data_iter = make_batch_iterator(dataset, start_batch=start)
+        elif resume_from is not None:
+            raise CheckpointError(f"--resume-from {resume_from}: {ckpt.directory} holds no checkpoint")
+        else:
+            state, start = create_train_state(program.init_fn, program.shardings), 0
+    except BaseException:
+        ckpt.close()
+        raise
 
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logger = _Logger(run_dir, cfg, start, enabled=main, progress=progress)
     logger.text(f"data: {rows.stats.source}, documents {document_summary(rows.stats)}; "
