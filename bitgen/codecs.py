@@ -16,6 +16,8 @@ invalid codes) or ``nearest`` (the valid id whose code is closest in Hamming dis
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import functools
 import hashlib
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ MAX_NEAREST_WIDTH = 20
 POLICIES = ("modulo", "stop", "nearest")
 
 
-class CodecError(ValueError):
+class CodecError(BitgenError, ValueError):
     """Invalid codec settings; the message names the problem and the fix."""
 
 

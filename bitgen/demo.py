@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -144,14 +143,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitgen.checkpoint import CheckpointError
-    from bitgen.config import ConfigError
-    from bitgen.eval.sample_cli import SampleError
-
+    """bitgen's own errors propagate to ``bitgen.cli``, which prints them as one line (exit 2)."""
     p = plan(args.quick, args.work_dir, seeds=args.seeds, num=args.num)
-    try:
-        _, signum = run_demo(p, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, SampleError) as err:
-        print(f"bitgen demo: {err}", file=sys.stderr)
-        return 1
+    _, signum = run_demo(p, progress=not args.no_progress)
     return 128 + signum if signum is not None else 0

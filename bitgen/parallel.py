@@ -14,6 +14,8 @@ opposite of the one-rules-table design.
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -47,7 +49,7 @@ LOGICAL_RULES: Mapping[str, MeshAxes] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(BitgenError, ValueError):
     """A parameter or batch cannot be laid out on the mesh; the message names the fix."""
 
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import hashlib
 import json
 import os
@@ -37,7 +39,7 @@ BASE_CHAR_OFFSET = 0xF0000  # Unicode supplementary private-use area A
 _PUA_LIMIT = 0xFFFFE  # last usable code point of plane 15 is U+FFFFD
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BitgenError, ValueError):
     """A tokenizer cannot be loaded or trained; the message names the problem and the fix."""
 
 

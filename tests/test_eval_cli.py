@@ -177,15 +177,15 @@ def test_first_samples_do_not_depend_on_how_many_are_drawn(cobit_run):
 
 def test_sample_cli_errors_name_the_fix(cobit_run, tmp_path, capsys):
     out = str(tmp_path / "x.txt")
-    assert cli.main(["sample", "--run-dir", str(tmp_path / "nope"), "--out", out]) == 1
+    assert cli.main(["sample", "--run-dir", str(tmp_path / "nope"), "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "model.embed_dim=8"]) == 1
+    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "model.embed_dim=8"]) == 2
     assert "only sampler.*" in capsys.readouterr().err
-    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "sampler.grid=entropic"]) == 1
+    assert cli.main(["sample", "--run-dir", str(cobit_run), "--out", out, "sampler.grid=entropic"]) == 2
     assert "--table" in capsys.readouterr().err
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
-    assert cli.main(["sample", "--run-dir", str(empty), "--out", out]) == 1
+    assert cli.main(["sample", "--run-dir", str(empty), "--out", out]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 

@@ -231,7 +231,7 @@ def test_eval_runs_the_config_protocol_with_test_split_reference(code_run, ar_ru
 def test_reference_test_without_a_test_source_names_the_fix(cobit_run, ar_run, tmp_path,  # noqa: F811
                                                              capsys):
     assert cli.main(["eval", "--run-dir", str(cobit_run), "--evaluator", str(ar_run), "--reference",
-                     "test", "--out-dir", str(tmp_path), "--no-progress"]) == 1
+                     "test", "--out-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "eval.test_source" in err and "--reference heldout" in err and len(err.splitlines()) == 1
 

@@ -13,6 +13,8 @@ non-overlapping rows; the incomplete tail is dropped, so rows never need padding
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 PACKING_RULES = ("sep", "window")
 
 
-class PackingError(ValueError):
+class PackingError(BitgenError, ValueError):
     """Invalid packing settings; the message names the fix."""
 
 

@@ -19,6 +19,8 @@ read the whole source (``ReadStats.complete``).
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import gzip
 import hashlib
 import json
@@ -34,7 +36,7 @@ NORMALISATION_VERSION = 1  # bump when normalize_document changes: it invalidate
 HF_PREFIX = "hf:"
 
 
-class DataError(ValueError):
+class DataError(BitgenError, ValueError):
     """Bad data input or settings; the message names the problem and the fix."""
 
 

@@ -22,6 +22,8 @@ tables ship in ``bitgen/assets/entropy_tables`` and load by name (``load_entropy
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import math
 from pathlib import Path
 
@@ -37,7 +39,7 @@ SHIPPED_TABLES = ("lm1b", "owt", "owt_medium")
 _TABLE_KEYS = ("pdf", "cdf", "sigmas", "edges")
 
 
-class EntropyTableError(FileNotFoundError):
+class EntropyTableError(BitgenError, FileNotFoundError):
     """An entropy table is missing or malformed; the message says what to provide instead."""
 
 

@@ -147,15 +147,8 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitgen.config import ConfigError
-    from bitgen.diffusion.entropy_schedule import EntropyTableError
-    from bitgen.eval.sample_cli import SampleError
-
-    try:
-        _, signum = evaluate(args)
-    except (SampleError, ConfigError, EntropyTableError, ValueError) as err:
-        print(f"bitgen eval: {err}", file=sys.stderr)
-        return 1
+    """bitgen's own errors propagate to ``bitgen.cli``, which prints them as one line (exit 2)."""
+    _, signum = evaluate(args)
     if signum is not None:
         print("bitgen eval: stopped by a signal; finished points are in results.jsonl and a re-run "
               "continues from them", file=sys.stderr)

@@ -16,6 +16,8 @@ The library half (``load_model``, ``generate``) is what ``bitgen eval`` and ``bi
 
 from __future__ import annotations
 
+from bitgen.errors import BitgenError
+
 import argparse
 import dataclasses
 import json
@@ -29,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from bitgen.config import (
-    ConfigError,
     ExperimentConfig,
     SamplerConfig,
     apply_overrides,
@@ -40,7 +41,7 @@ from bitgen.config import (
 WEIGHTS = {"ema": "ema_params", "raw": "params"}
 
 
-class SampleError(RuntimeError):
+class SampleError(BitgenError, RuntimeError):
     """A run, checkpoint, table or evaluator cannot be used; the message names the fix."""
 
 
@@ -324,20 +325,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitgen.checkpoint import PreemptionFlag
-    from bitgen.diffusion.entropy_schedule import EntropyTableError
 
-    try:
-        model = load_model(args.run_dir, args.checkpoint, config=args.config, overrides=args.overrides,
-                           table=args.table, weights=args.weights, step=args.step)
-        print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
-              file=sys.stderr)
-        start = time.perf_counter()
-        with PreemptionFlag() as flag:
-            samples = generate(model, args.num, args.seed, temperature=args.temperature,
-                               top_p=args.top_p, flag=flag, progress=not args.no_progress)
-    except (SampleError, ConfigError, EntropyTableError, ValueError) as err:
-        print(f"bitgen sample: {err}", file=sys.stderr)
-        return 1
+    model = load_model(args.run_dir, args.checkpoint, config=args.config, overrides=args.overrides,
+                       table=args.table, weights=args.weights, step=args.step)
+    print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
+          file=sys.stderr)
+    start = time.perf_counter()
+    with PreemptionFlag() as flag:
+        samples = generate(model, args.num, args.seed, temperature=args.temperature,
+                           top_p=args.top_p, flag=flag, progress=not args.no_progress)
     settings = sampler_settings_dict(model, model.cfg.sampler, temperature=args.temperature,
                                      top_p=args.top_p)
     out = Path(args.out) if args.out else (
