@@ -5,7 +5,8 @@ bitgen evaluates every update op for op in the reference's order with the same f
 differ only where an input differs: the denoiser output D. Given a bound on each call's |ΔD|,
 the state difference obeys, per element and step,
 
-    E' ≤ |∂x'/∂x̂|·Ê + Σ_calls |∂x'/∂D|·ΔD + Σ_ops |∂x'/∂v|·2u|v|,   Ê = E (+ 2u|x̂| if churned),
+    E' ≤ |∂x'/∂x̂|·Ê + Σ_calls |∂x'/∂D|·ΔD + Σ_ops |∂x'/∂v|·2u|v|,
+    Ê = E + 2u|x̂| on churned steps (else E),
 
 with u = 2⁻²⁴ (float32 round-to-nearest) and the op values v taken from the reference trace.
 ``trace_bounds`` runs this recurrence; the caller supplies ΔD for each model call.
@@ -55,11 +56,13 @@ def trace_bounds(method: str, ref: dict[str, np.ndarray], grid: np.ndarray, sigm
             e_pred = _euler_bound(e_hat, dD, a1, x_pred, s, n)
             dD2 = delta_D(per * i + 1, e_pred, dD)
             d2 = (x_pred - D2) / n
+            half = abs(0.5 * h)
             adj_d1 = 0.5 * h * (1.0 + h / n)  # ∂x'/∂d1, through x_pred and directly
             k2 = abs(h) / (2 * n)  # |∂x'/∂x_pred| = |∂x'/∂D2|
-            rounding = 2 * U * (np.abs(x_new[i]) + np.abs(0.5 * h * (d1 + d2)) + abs(0.5 * h) * np.abs(d1 + d2)
-                                + 3 * abs(0.5 * h) * np.abs(d2) + k2 * (np.abs(x_pred) + np.abs(h * d1))
-                                + 3 * abs(adj_d1) * np.abs(d1))
+            # x' | (½h)·(d1+d2) and d1+d2 | d2, its quotient and difference | x_pred and h·d1 |
+            # d1, its quotient and difference (each |∂x'/∂v|·|v|)
+            rounding = 2 * U * (np.abs(x_new[i]) + 2 * half * np.abs(d1 + d2) + 3 * half * np.abs(d2)
+                                + k2 * (np.abs(x_pred) + np.abs(h * d1)) + 3 * abs(adj_d1) * np.abs(d1))
             err = (n / s) * e_hat + (abs(adj_d1) / s) * dD + k2 * dD2 + rounding
             out["x_pred"].append(e_pred)
             out["D2_steps"].append(dD2)
