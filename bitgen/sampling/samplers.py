@@ -11,7 +11,9 @@ static argument, so pass the same callable object to reuse the compiled program.
 
 Arithmetic follows the reference op by op in float32 (σ̂ = σ_i·float32(1+γ_i);
 x̂ = x + δ·(ε·S_noise) with δ = sqrt(σ̂² − σ_i²); d = (−σ̂)·((D − x̂)/(σ̂·σ̂)); x' = x̂ + (σ_{i+1} − σ̂)·d),
-which makes the update chain bit-exact given the same logits and δ.
+which makes the update chain bit-exact given the same logits and δ. Every product is passed
+through ``_rounded`` before it is added, so XLA can neither contract it into a fused multiply-add
+nor reassociate it (see docs/parity.md).
 """
 
 from __future__ import annotations
@@ -95,12 +97,23 @@ def _denoise(denoiser: Denoiser, params, x, sigma, x0_hat) -> jax.Array:
     return jax.nn.sigmoid(denoiser(params, x, sigma_b, x0_hat).astype(jnp.float32))
 
 
+def _rounded(v: jax.Array) -> jax.Array:
+    """v as its own rounded float32 value (NaN kept NaN).
+
+    XLA on CPU contracts ``a + b*c`` into one fused multiply-add and reorders products of scalars;
+    optimization barriers are stripped before code generation. The select makes the operand of the
+    next add (or multiply) a select rather than a product, which neither XLA nor LLVM fuses or
+    reorders, so ``x + _rounded(h*d)`` rounds twice, as the reference does.
+    """
+    return jnp.where(jnp.isnan(v), jnp.float32(jnp.nan), v)
+
+
 def _direction(D, x, sigma):
     """d = −σ·score with score = (D − x)/σ², in the reference's operation order."""
     # XLA rewrites division by a broadcast scalar into multiplication by its reciprocal, which is
     # off by an ulp; the barrier keeps a true division so replays of the reference stay bit-exact.
     sigma2 = jax.lax.optimization_barrier(jnp.broadcast_to(sigma * sigma, x.shape))
-    return (-sigma) * ((D - x) / sigma2)
+    return _rounded((-sigma) * ((D - x) / sigma2))  # Heun adds two directions: no FMA there either
 
 
 def sampler_step(params, carry: tuple[jax.Array, jax.Array], sched: StepSchedule,
@@ -108,19 +121,19 @@ def sampler_step(params, carry: tuple[jax.Array, jax.Array], sched: StepSchedule
     """One grid interval. carry = (x [B,S], x0_hat [B,S]); sched holds this step's scalars;
     noise [B,S] standard normal (used only if churned). Returns (new carry, trace dict)."""
     x, x0_hat = carry
-    churn = sched.sigma_delta * (noise * jnp.float32(settings.s_noise))
-    x_hat = jnp.where(sched.churned, x + churn, x)
+    churn = sched.sigma_delta * _rounded(noise * jnp.float32(settings.s_noise))
+    x_hat = jnp.where(sched.churned, x + _rounded(churn), x)
     D = _denoise(denoiser, params, x_hat, sched.label, x0_hat)
     d = _direction(D, x_hat, sched.sigma_hat)
     h = sched.sigma_next - sched.sigma_hat
     trace = {"x_hat": x_hat, "D": D, "x0_hat_in": x0_hat}
     if settings.method == "heun":
-        x_pred = x_hat + h * d
+        x_pred = x_hat + _rounded(h * d)
         D2 = _denoise(denoiser, params, x_pred, sched.label_next, D)
-        x_new = x_hat + (0.5 * h) * (d + _direction(D2, x_pred, sched.sigma_next))
+        x_new = x_hat + _rounded((0.5 * h) * (d + _direction(D2, x_pred, sched.sigma_next)))
         trace.update(x_pred=x_pred, D2=D2)
     else:
-        x_new = x_hat + h * d
+        x_new = x_hat + _rounded(h * d)
     x0_new = D
     if settings.sc_mode == "refined":
         x0_new = _denoise(denoiser, params, x_new, sched.label_next, D)
@@ -191,8 +204,8 @@ def sample_from_noise(params, noise_init: jax.Array, noise_churn: jax.Array, *, 
 
 def _initial_state(noise, grid, settings: SamplerSettings):
     # x_T = ε·σ_0 + ½: the prior is centred on the data centre, not on 0.
-    return jnp.asarray(noise, jnp.float32) * jnp.asarray(grid, jnp.float32)[0] + jnp.float32(
-        settings.data_center)
+    scaled = _rounded(jnp.asarray(noise, jnp.float32) * jnp.asarray(grid, jnp.float32)[0])
+    return scaled + jnp.float32(settings.data_center)
 
 
 def matched_filter_denoiser(params, x, sigma, x0_hat, *, clip: float = 30.0, center: float = 0.5):
