@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 # Sections whose differences make a checkpoint meaningless for a config; keys listed in
 # EXECUTION_ONLY_KEYS change how the same function is computed, not the function, so they may differ.
 COMPATIBILITY_SECTIONS = ("model", "diffusion")
+# Data settings that decide which token a bit pattern stands for: a change makes the weights decode
+# into other tokens.
+BIT_DEFINING_KEYS = ("data.tokenizer", "data.vocab_size", "data.packing", "data.code_tokenizer",
+                     "data.code_policy", "data.bit_order")
 EXECUTION_ONLY_KEYS = frozenset({"model.attention", "model.remat", "model.compute_dtype"})
 
 
@@ -119,7 +123,7 @@ class Restored:
 
 
 def check_compatible(saved_config: dict[str, Any], config: ExperimentConfig, where: str) -> None:
-    """Raise IncompatibleCheckpointError naming each differing model/diffusion key."""
+    """Raise IncompatibleCheckpointError naming each differing model/diffusion/bit-defining key."""
     try:
         saved = from_dict(saved_config)
     except ConfigError as err:
@@ -130,6 +134,7 @@ def check_compatible(saved_config: dict[str, Any], config: ExperimentConfig, whe
             "set task to match or start a new --run-dir"
         )
     differing = [k for k in config_diff(saved, config, COMPATIBILITY_SECTIONS) if k not in EXECUTION_ONLY_KEYS]
+    differing += [k for k in config_diff(saved, config, ("data",)) if k in BIT_DEFINING_KEYS]
     if differing:
         saved_d, now_d = dataclasses.asdict(saved), dataclasses.asdict(config)
         details = ", ".join(

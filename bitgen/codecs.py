@@ -16,8 +16,6 @@ invalid codes) or ``nearest`` (the valid id whose code is closest in Hamming dis
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import functools
 import hashlib
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bitgen.errors import BitgenError
 
 MAX_WIDTH = 32
 # ``nearest`` uses a 2^P lookup table; beyond this width it would not fit comfortably in memory.

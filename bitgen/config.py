@@ -229,6 +229,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     **{f"sampler.{k}": _POSITIVE for k in ("terminal_sigma", "s_noise", "batch_size")},
     "sampler.ati_eta": _NON_NEGATIVE,
     "data.batch_size": _POSITIVE,
+    "data.max_document_chars": _POSITIVE,
     "data.val_fraction": _UNIT,
     **{f"optim.{k}": _POSITIVE for k in ("lr", "eps", "grad_clip")},
     **{f"optim.{k}": _NON_NEGATIVE for k in ("min_lr", "weight_decay", "warmup_steps")},

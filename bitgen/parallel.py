@@ -14,8 +14,6 @@ opposite of the one-rules-table design.
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +25,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bitgen.config import ConfigError, MeshConfig
+from bitgen.errors import BitgenError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

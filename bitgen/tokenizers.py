@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import hashlib
 import json
 import os
@@ -30,6 +28,8 @@ from tokenizers import (
     pre_tokenizers,
     trainers,
 )
+
+from bitgen.errors import BitgenError
 
 BPE_SPECIAL_TOKENS = ("<|endoftext|>",)
 # Separator / end-of-document tokens, in order of preference, for the packing rules of spec §1.

@@ -157,6 +157,12 @@ def test_incompatible_config_is_refused_by_name(tmp_path, setup):
         Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=changed, fallback=True)
     execution_only = dataclasses.replace(setup.cfg, model=ModelConfig(remat=True))
     Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=execution_only)
+    # Data settings that decide which token a bit pattern means are part of the model.
+    recoded = dataclasses.replace(setup.cfg, data=dataclasses.replace(setup.cfg.data, bit_order="frequency"))
+    with pytest.raises(IncompatibleCheckpointError, match=r"data\.bit_order: checkpoint='raw' config='frequency'"):
+        Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=recoded)
+    batching = dataclasses.replace(setup.cfg, data=dataclasses.replace(setup.cfg.data, batch_size=7))
+    Checkpointer(tmp_path, save_every=1, keep=1).restore(setup.abstract, config=batching)
 
 
 def test_other_task_is_refused(tmp_path, setup):

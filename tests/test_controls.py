@@ -7,12 +7,17 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitgen.eval.controls import UNIGRAM_MODEL, draw_unigram, unigram_control, unigram_counts
+from bitgen.data.corpus import token_counts
+from bitgen.eval.controls import UNIGRAM_MODEL, draw_unigram, unigram_control
 
 
-def test_counts_cover_every_id():
-    rows = np.array([[0, 3, 3], [3, 1, 0]], np.uint16)
-    np.testing.assert_array_equal(unigram_counts(rows, 5), [2, 1, 0, 3, 0])
+def test_counts_cover_every_id(monkeypatch):
+    from bitgen.data import corpus
+
+    rows = np.array([[0, 3, 3], [3, 1, 0], [4, 4, 4]], np.uint16)
+    np.testing.assert_array_equal(token_counts(rows, 5), [2, 1, 0, 3, 3])
+    monkeypatch.setattr(corpus, "COUNT_CHUNK_ROWS", 2)  # counted across chunks, same result
+    np.testing.assert_array_equal(token_counts(rows, 5), [2, 1, 0, 3, 3])
 
 
 @settings(max_examples=25, deadline=None)

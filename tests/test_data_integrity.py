@@ -126,7 +126,7 @@ def test_orphaned_tmp_files_of_dead_builders_are_removed(cfg, tmp_path):
     foreign = cache / f".{ROWS_FILE}.other-host.{int(dead.stdout)}.ghi789.tmp"
     for p in (orphan, live, foreign):
         p.write_bytes(b"partial")
-    assert remove_orphaned_tmp_files(cache) == [orphan]
+    assert remove_orphaned_tmp_files(cache.parent) == [orphan]
     assert not orphan.exists() and live.exists() and foreign.exists()
 
 
@@ -153,7 +153,8 @@ def test_long_document_is_tokenised_in_pieces(cfg):
     assert pieces.documents == whole.documents == 3
     # Cutting before a space keeps byte-level BPE words intact: the same tokens either way.
     assert pieces.tokens == whole.tokens
-    with pytest.raises(DataError, match="max_document_chars"):
+    np.testing.assert_array_equal(build_corpus_rows(split_cfg, 16).rows, build_corpus_rows(cfg, 16).rows)
+    with pytest.raises(DataError, match="max_document_chars"):  # library callers; the CLI validates first
         build_corpus_rows(dataclasses.replace(cfg, max_document_chars=0), 16)
 
 
@@ -173,3 +174,22 @@ def test_frequency_bit_order_round_trips_and_puts_frequent_tokens_on_low_codes(c
     counts = np.bincount(np.asarray(packed.train_rows, np.int64).ravel(), minlength=packed.codec.vocab_size)
     top = int(np.argmax(counts))
     assert not packed.codec.ids_to_bits(np.array([[top]])).any()  # the most frequent id is code 0
+
+
+def test_a_run_keeps_its_code_map_and_refuses_another(cfg, tmp_path):
+    from bitgen.data.corpus import CODE_MAP_FILE, pin_code_map
+
+    run = tmp_path / "run"
+    freq = dataclasses.replace(cfg, bit_order="frequency")
+    pin_code_map(run, build_corpus_rows(cfg, 16).codec, write=True)  # raw ids: nothing to keep
+    assert not (run / CODE_MAP_FILE).exists()
+    codec = build_corpus_rows(freq, 16).codec
+    pin_code_map(run, codec, write=False)  # readers never write
+    assert not (run / CODE_MAP_FILE).exists()
+    pin_code_map(run, codec, write=True)
+    pin_code_map(run, codec, write=False)  # the same map again: accepted
+    # Other training rows (here: another held-out split) rank the ids differently.
+    other = build_corpus_rows(dataclasses.replace(freq, val_fraction=0.5), 16).codec
+    assert not np.array_equal(other.permutation.id_to_code, codec.permutation.id_to_code)
+    with pytest.raises(DataError, match="differs from the one this run was trained with.*--run-dir"):
+        pin_code_map(run, other, write=True)

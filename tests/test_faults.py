@@ -123,6 +123,7 @@ def test_a_second_writer_stops_naming_the_holder(cfg, tmp_path, capsys):
 
 # -- SIGKILL during an asynchronous save ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_bitwise(cfg, full, tmp_path):
     # The child kills itself right after the step-4 save has started (its write runs on in a
     # background thread), so the step is cut off mid-write.

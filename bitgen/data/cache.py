@@ -90,13 +90,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_tmp_files(path: Path) -> list[Path]:
-    """Delete temporary rows files in ``path`` left by builders on this host that have died.
+def remove_orphaned_tmp_files(rows_root: Path) -> list[Path]:
+    """Delete temporary rows files under ``rows_root`` (every cache entry) left by dead builders.
 
-    Files of live builders, of other hosts, or in an unknown naming scheme are kept.
+    Only files of this host whose builder PID is gone are removed; files of live builders, of
+    other hosts, or in an unknown naming scheme are kept.
     """
     host, removed = socket.gethostname(), []
-    for tmp in path.glob(f".{ROWS_FILE}.*.tmp"):
+    for tmp in rows_root.glob(f"*/.{ROWS_FILE}.*.tmp"):
         parts = tmp.name[len(f".{ROWS_FILE}."):].split(".")
         if len(parts) < 3 or not parts[-3].isdigit() or ".".join(parts[:-3]) != host:
             continue
@@ -114,7 +115,7 @@ def write_cached_rows(path: Path, fingerprint: dict, row_batches: Iterable[np.nd
     stored in the sidecar (so a reused cache reports the numbers of the build).
     """
     path.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_tmp_files(path)
+    remove_orphaned_tmp_files(path.parent)  # also entries built with settings no longer in use
     fd, tmp = tempfile.mkstemp(dir=path, prefix=_tmp_prefix(), suffix=".tmp")
     n_rows = 0
     try:

@@ -106,13 +106,26 @@ def split_sizes(n_rows: int, val_fraction: float) -> tuple[int, int]:
     return n_rows - n_val, n_val
 
 
+COUNT_CHUNK_ROWS = 1 << 16  # rows per bincount call: bounds the int64 copy of a memmap chunk
+CODE_MAP_FILE = "code_map.npy"  # a run's id -> code map, for codecs that derive it from the data
+
+
+def token_counts(rows: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[vocab_size]`` int64 counts of the ids in ``rows`` ``[N, T]``, read in chunks."""
+    counts = np.zeros(vocab_size, np.int64)
+    for start in range(0, len(rows), COUNT_CHUNK_ROWS):
+        chunk = np.asarray(rows[start:start + COUNT_CHUNK_ROWS], np.int64).ravel()
+        counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def frequency_rank_codes(train_rows: np.ndarray, vocab_size: int) -> np.ndarray:
     """``[V]`` id -> code map: the i-th most frequent id of ``train_rows`` gets code i.
 
     Ties (and unseen ids) keep id order, so the map is a pure function of the rows. With MSB-first
     bits, frequent tokens then share long runs of leading zeros.
     """
-    counts = np.bincount(np.asarray(train_rows, np.int64).ravel(), minlength=vocab_size)
+    counts = token_counts(train_rows, vocab_size)
     codes = np.empty(vocab_size, np.uint32)
     codes[np.argsort(-counts, kind="stable")] = np.arange(vocab_size, dtype=np.uint32)
     return codes
@@ -195,11 +208,11 @@ def split_document(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def encode_documents(docs: Iterator[str], tokenizer: Tokenizer, max_chars: int,
-                     counters: dict) -> Iterator[list[np.ndarray]]:
-    """Token ids of each document, in order, in groups of at most ENCODE_BATCH_DOCS documents.
+def encode_documents(docs: Iterator[str], tokenizer: Tokenizer, max_chars: int, counters: dict, *,
+                     batch_docs: int = ENCODE_BATCH_DOCS) -> Iterator[list[np.ndarray]]:
+    """Token ids of each document, in order, in groups of at most ``batch_docs`` documents.
 
-    One tokenizer call covers at most ENCODE_BATCH_DOCS documents or ENCODE_BATCH_CHARS
+    One tokenizer call covers at most ``batch_docs`` documents or ENCODE_BATCH_CHARS
     characters; a document longer than ``max_chars`` is tokenised piece by piece (counted in
     ``counters["split_documents"]``), so its memory is bounded by the pieces, not its length.
     """
@@ -220,7 +233,7 @@ def encode_documents(docs: Iterator[str], tokenizer: Tokenizer, max_chars: int,
             continue
         batch.append(doc)
         chars += len(doc)
-        if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+        if len(batch) >= batch_docs or chars >= ENCODE_BATCH_CHARS:
             yield encode(batch)
             batch, chars = [], 0
     if batch:
@@ -240,8 +253,12 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
     code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
     boundary_id = separator_id(tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
-    # Settings errors surface before the (long) build; a frequency code map needs the rows first.
-    codec = None if cfg.bit_order == "frequency" else codec_for(cfg, vocab_size, code_tokenizer)
+    # Settings errors surface before the (long) build; a frequency code map needs the rows, so its
+    # other settings are checked with raw codes first.
+    codec = codec_for(cfg if cfg.bit_order != "frequency" else dataclasses.replace(cfg, bit_order="raw"),
+                      vocab_size, code_tokenizer)
+    if cfg.bit_order == "frequency":
+        codec = None
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     fingerprint = {
         "source": source.identity,
@@ -327,6 +344,30 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
                          vocab_size=vocab_size, train_rows=n_train, val_rows=n_val,
                          cache_path=str(path), cache_status=status, **recorded)
     return PackedRows(cached.rows, tokenizer, codec, stats, code_tokenizer, source.identity_seconds)
+
+
+def pin_code_map(run_dir: str | Path, codec: BitCodec, *, write: bool) -> None:
+    """Keep a run's id -> code map in ``run_dir/code_map.npy`` and refuse a different one.
+
+    Only codecs with an explicit map (``bit_order=frequency`` or a ``.npy`` map) have one. The map
+    is written on first use (``write``) and compared afterwards: a frequency map rebuilt from
+    changed rows would silently decode the model's bits into other tokens.
+    """
+    if not isinstance(codec.permutation, IdCodeMap):
+        return
+    path = Path(run_dir) / CODE_MAP_FILE
+    if path.exists():
+        if not np.array_equal(np.load(path), codec.permutation.id_to_code):
+            raise DataError(
+                f"the id->code map built from the current corpus differs from the one this run was "
+                f"trained with ({path}): data.source, the tokenizer or data.val_fraction changed; "
+                "restore the run's data settings (its config.json) or start a new --run-dir"
+            )
+    elif write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, codec.permutation.id_to_code)
+        tmp.replace(path)
 
 
 def document_summary(stats: DatasetStats) -> str:

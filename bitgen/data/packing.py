@@ -13,11 +13,11 @@ non-overlapping rows; the incomplete tail is dropped, so rows never need padding
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from bitgen.errors import BitgenError
 
 PACKING_RULES = ("sep", "window")
 

@@ -19,8 +19,6 @@ read the whole source (``ReadStats.complete``).
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import gzip
 import hashlib
 import json
@@ -31,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from bitgen.config import DataConfig
+from bitgen.errors import BitgenError
 
 NORMALISATION_VERSION = 1  # bump when normalize_document changes: it invalidates caches
 HF_PREFIX = "hf:"
@@ -104,18 +103,19 @@ def content_identity(path: Path, *, count_lines: bool) -> dict:
     Lines are counted as the readers see them: in the decompressed stream for ``.gz`` files, a
     last line without a newline included.
     """
-    digest = hashlib.sha256()
+    digest, lines, last = hashlib.sha256(), 0, b"\n"
+    plain = count_lines and path.suffix != ".gz"  # count while hashing: one pass over the bytes
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
+            if plain:
+                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    if count_lines and not plain:  # lines of the decompressed stream, as the readers see them
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
     identity = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
     if count_lines:
-        opener = gzip.open if path.suffix == ".gz" else open
-        lines, last = 0, b"\n"
-        with opener(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK_BYTES):
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
         identity["records"] = lines + (last != b"\n")
     return identity
 
@@ -226,10 +226,13 @@ def _open_hf(spec: str, text_field: str) -> TextSource:
         for batch in ds.iter(batch_size=1000):
             for text in batch[text_field]:
                 stats.records += 1
-                yield text
+                if text is None:
+                    stats.skipped_empty += 1
+                else:
+                    yield text
 
     identity = {"hf": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None),
-                "records": len(ds)}
+                "text_field": text_field, "records": len(ds)}
     return TextSource(f"hf-{name}-{split}", identity, read)
 
 

@@ -22,8 +22,6 @@ tables ship in ``bitgen/assets/entropy_tables`` and load by name (``load_entropy
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import math
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from bitgen.config import DiffusionConfig, EntropyScheduleConfig
+from bitgen.errors import BitgenError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "entropy_tables"
 SHIPPED_TABLES = ("lm1b", "owt", "owt_medium")

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluator-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="gpt2:DIR evaluator precision; auto = bfloat16 on accelerators, float32 "
                              "on CPU (default: eval.evaluator_dtype, auto)")
+    parser.add_argument("--control", action="store_true",
+                        help="also score the i.i.d.-unigram control: tokens drawn independently from "
+                             "the training unigram distribution, decoded and scored like samples")
     parser.add_argument("--ar-run", help="also score an AR baseline run at --ar-temperatures")
     parser.add_argument("--ar-temperatures", type=_floats, default=[1.0])
     parser.add_argument("--out-dir", help="output directory (default: <run-dir>/eval)")
@@ -93,6 +96,7 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     Returns (aggregated table, signal number when a signal stopped it early, else None).
     """
     from bitgen.checkpoint import PreemptionFlag
+    from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
     from bitgen.eval.sample_cli import load_model
     from bitgen.eval.sweep import (
@@ -123,6 +127,8 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
                                     args.test_source))
         log(f"  real data ({rows[-1]['n']} {describe_point(rows[-1])}): GenPPL "
             f"{rows[-1]['genppl']:.2f}, entropy {rows[-1]['entropy']:.3f}")
+    if args.control and evaluator is not None:
+        rows += unigram_control(model.rows, evaluator, results, seeds=args.seeds, num=args.num)
     with PreemptionFlag() as flag:
         log(f"sweep: {len(points)} sampler settings × {len(args.seeds)} seeds × {args.num} samples")
         # An AR --run-dir is swept at --temperature/--top-p (CoBit runs ignore both).

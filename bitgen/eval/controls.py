@@ -1,7 +1,8 @@
 """Control rows for sample-quality tables: text with known structure, scored like samples.
 
 ``unigram_control_row`` draws every token independently from the training rows' unigram
-distribution (separators included), decodes and scores the rows exactly like model samples. A
+distribution (separators included), decodes and scores the rows exactly like model samples.
+``bitgen demo`` adds it to its table; ``bitgen eval --control`` adds it to a sweep. A
 generator that only learned which tokens are frequent lands here; one that learned any context
 beats it. Rows go through ``cached_row`` so an interrupted evaluation reuses them.
 """
@@ -17,15 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitgen.data.corpus import token_counts
 from bitgen.eval.reference import entropy_ids
 from bitgen.eval.sweep import POINT_KEYS, SCORING_VERSION, Evaluator, read_rows, score_samples
 
 UNIGRAM_MODEL = "iid unigram"
-
-
-def unigram_counts(rows: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Token counts ``[vocab_size]`` int64 over token rows ``[N, T]``."""
-    return np.bincount(np.asarray(rows, np.int64).ravel(), minlength=vocab_size)
 
 
 def draw_unigram(counts: np.ndarray, key: jax.Array, shape: tuple[int, int]) -> np.ndarray:
@@ -40,7 +37,7 @@ def unigram_control_row(rows, evaluator: Evaluator, *, seed: int, num: int) -> d
     ``rows`` is the run's ``PackedRows``; counts come from its training rows only.
     """
     start = time.perf_counter()
-    counts = unigram_counts(rows.train_rows, rows.codec.vocab_size)
+    counts = token_counts(rows.train_rows, rows.codec.vocab_size)
     ids = draw_unigram(counts, jax.random.key(seed), (num, rows.stats.seq_tokens))
     texts = [rows.decode_text(r) for r in ids]
     ppl, entropy = score_samples(texts, [entropy_ids(rows, r) for r in ids], evaluator)

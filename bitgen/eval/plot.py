@@ -51,8 +51,9 @@ def plot_frontier(table: Sequence[dict[str, Any]], path: str | Path, *, title: s
         xerr = [r["entropy_std"] or 0.0 for r in rows]
         yerr = [r["genppl_std"] or 0.0 for r in rows]
         if rows[0]["model"] == "real data":
+            test = (rows[0].get("reference") or "heldout").startswith("test:")
             ax.plot(x, y, marker="*", markersize=16, linestyle="none", color="black",
-                    label="real data (held-out)")
+                    label=f"real data ({'test split' if test else 'held-out'})")
             continue
         if rows[0]["model"] == "iid unigram":
             ax.plot(x, y, marker="X", markersize=11, linestyle="none", color="grey",

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +36,7 @@ def entropy_ids(rows, ids: Sequence[int] | np.ndarray) -> np.ndarray:
 def first_rows(model, source: str, num: int) -> np.ndarray:
     """The first ``num`` rows of ``source`` packed like the run's corpus: ``[n, T]`` ids (codes for
     a run on second-stage codes). Reads only as many documents as those rows need."""
+    from bitgen.data.corpus import encode_documents
     from bitgen.data.packing import StreamPacker
     from bitgen.data.sources import DataError, open_source
     from bitgen.tokenizers import separator_id
@@ -46,13 +46,16 @@ def first_rows(model, source: str, num: int) -> np.ndarray:
     docs = open_source(dataclasses.replace(cfg.data, source=source)).documents()
     packer = StreamPacker(seq_tokens, cfg.data.packing, separator_id(rows.tokenizer))
     chunks, have = [], 0
-    while have < num and (batch := list(itertools.islice(docs, _DOCS_PER_BATCH))):
-        encodings = rows.tokenizer.encode_batch(batch, add_special_tokens=False)
-        packed = packer.push(e.ids for e in encodings)
+    # The training corpus's tokenisation (long documents in pieces), stopped once num rows exist.
+    for ids in encode_documents(docs, rows.tokenizer, cfg.data.max_document_chars,
+                                {"split_documents": 0}, batch_docs=_DOCS_PER_BATCH):
+        packed = packer.push(ids)
         if rows.code_tokenizer is not None and len(packed):
             packed = rows.code_tokenizer.encode_windows(packed, seq_tokens)
         chunks.append(np.asarray(packed))
         have += len(packed)
+        if have >= num:
+            break
     if have == 0:
         raise DataError(f"test split {source!r} holds less text than one row of {seq_tokens} tokens; "
                         "point eval.test_source at the test split or use --reference heldout")

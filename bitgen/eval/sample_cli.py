@@ -16,8 +16,6 @@ The library half (``load_model``, ``generate``) is what ``bitgen eval`` and ``bi
 
 from __future__ import annotations
 
-from bitgen.errors import BitgenError
-
 import argparse
 import dataclasses
 import json
@@ -36,6 +34,7 @@ from bitgen.config import (
     apply_overrides,
     from_dict,
 )
+from bitgen.errors import BitgenError
 
 # Weights a checkpoint holds: the EMA shadow (default for sampling) or the raw training params.
 WEIGHTS = {"ema": "ema_params", "raw": "params"}
@@ -143,7 +142,7 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
     table: a shipped table name or path; default the run's newest entropy table.
     """
     from bitgen.checkpoint import DamagedCheckpointError, restore_params
-    from bitgen.data.corpus import build_corpus_rows
+    from bitgen.data.corpus import build_corpus_rows, pin_code_map
     from bitgen.diffusion.entropy_schedule import load_entropy_table
     from bitgen.train.state import abstract_params
 
@@ -168,6 +167,8 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
     candidates = [step] if step is not None else steps[::-1]
     cfg = apply_overrides(_run_config(config, run, ckpt_dir, candidates[0]), list(overrides))
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens)
+    if run is not None:
+        pin_code_map(run, rows.codec, write=False)
     target = abstract_params(cfg, vocab_size=rows.codec.vocab_size)
     for k, step in enumerate(candidates):
         try:

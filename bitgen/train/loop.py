@@ -295,13 +295,14 @@ def train(
 
 def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool,
            resume_from: int | None, flag: PreemptionFlag, progress: bool) -> TrainResult:
-    from bitgen.data.corpus import build_corpus_rows, document_summary
+    from bitgen.data.corpus import build_corpus_rows, document_summary, pin_code_map
     from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
 
     mesh = parallel.make_mesh(cfg.mesh)
     main = _is_main()
 
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens, progress=progress and main)
+    pin_code_map(run_dir, rows.codec, write=main)
     if cfg.task == "cobit" and rows.codec.width != cfg.model.patch_size:
         raise ConfigError(
             f"the tokenizer/codec gives {rows.codec.width} bits per token but "
