@@ -78,11 +78,18 @@ def _say(message: str) -> None:
 
 def train_stage(config: str, run_dir: Path, overrides: tuple[str, ...], *, flag, progress: bool) -> bool:
     """Train (or resume, or find finished) one run; returns False when a signal stopped it."""
+    from bitgen.checkpoint import IncompatibleCheckpointError
     from bitgen.config import load_config
     from bitgen.train.loop import train
 
     cfg = load_config(config, list(overrides))
-    result = train(cfg, run_dir, resume=True, flag=flag, progress=progress)
+    try:
+        result = train(cfg, run_dir, resume=True, flag=flag, progress=progress)
+    except IncompatibleCheckpointError as err:
+        raise IncompatibleCheckpointError(
+            f"{run_dir} holds a run of an earlier demo version ({err}); delete {run_dir.parent} "
+            "or pass another --work-dir"
+        ) from err
     return not result.preempted
 
 

@@ -79,3 +79,15 @@ def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_train
 def test_quick_demo_end_to_end(tmp_path):
     assert cli.main(["demo", "--quick", "--work-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
     assert (tmp_path / "demo" / "eval" / "table.csv").is_file()
+
+
+def test_a_run_of_an_earlier_demo_version_names_the_fix(tmp_path, monkeypatch):
+    from bitgen.checkpoint import IncompatibleCheckpointError
+    from bitgen.train import loop
+
+    def refuse(cfg, run_dir, **kwargs):
+        raise IncompatibleCheckpointError("checkpoint x was written with a different config (data.bit_order)")
+
+    monkeypatch.setattr(loop, "train", refuse)
+    with pytest.raises(IncompatibleCheckpointError, match=r"earlier demo version .*bit_order.*delete .*work"):
+        demo.train_stage("demo_cpu", tmp_path / "work" / "cobit", (), flag=None, progress=False)
