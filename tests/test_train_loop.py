@@ -20,7 +20,7 @@ from bitgen.checkpoint import (
 )
 from bitgen.config import load_config
 from bitgen.train.loop import NonFiniteLossError, _fetch, max_param_difference, train
-from bitgen.train.state import abstract_params
+from bitgen.train.task import abstract_params
 
 TINY = [
     "model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n_blocks=1",

@@ -144,7 +144,7 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
     from bitgen.checkpoint import DamagedCheckpointError, restore_params
     from bitgen.data.corpus import build_corpus_rows, pin_code_map
     from bitgen.diffusion.entropy_schedule import load_entropy_table
-    from bitgen.train.state import abstract_params
+    from bitgen.train.task import abstract_params
 
     if bool(run_dir) == bool(checkpoint):
         raise SampleError("give exactly one of --run-dir or --checkpoint")

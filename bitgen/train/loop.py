@@ -274,7 +274,7 @@ def train(
 
     The jitted init/step are cached per (config, mesh, vocabulary): calling train() again in the
     same process (resume, several runs) does not recompile. Checkpoint metadata stores
-    ``vocab_size``; ``bitgen.train.state.abstract_params(cfg, vocab_size=...)`` builds the target
+    ``vocab_size``; ``bitgen.train.task.abstract_params(cfg, vocab_size=...)`` builds the target
     for ``bitgen.checkpoint.restore_params``.
 
     The run directory is locked for the whole call (``bitgen.runlock``): a second writer raises
@@ -393,7 +393,7 @@ def max_param_difference(run_a: str | Path, run_b: str | Path, which: str = "par
     """Largest |a - b| over the parameters of the latest checkpoints of two run directories."""
     from bitgen.checkpoint import restore_params
     from bitgen.config import from_dict
-    from bitgen.train.state import abstract_params
+    from bitgen.train.task import abstract_params
 
     checkpoints = Path(run_a) / "checkpoints"
     ckpt = Checkpointer(checkpoints, save_every=1, keep=1)

@@ -106,26 +106,3 @@ def state_layout(
 def create_train_state(init_fn: Callable[[], TrainState], shardings: TrainState) -> TrainState:
     """A fresh state, built directly in its sharded layout (no host-side full copy)."""
     return jax.jit(init_fn, out_shardings=shardings)()
-
-
-def abstract_params(cfg: Any, *, vocab_size: int | None = None, mesh: Mesh | None = None) -> Any:
-    """Parameter ShapeDtypeStructs of ``cfg``'s model, the target for ``restore_params``.
-
-    With ``mesh`` they carry the training layout (``parallel.LOGICAL_RULES``); without, every leaf
-    sits on the first local device. ``vocab_size`` is required for ``cfg.task == "ar"`` (the
-    data codec's vocabulary; a checkpoint's metadata stores it as ``meta["vocab_size"]``).
-
-    Example (EMA weights of a run for sampling)::
-
-        params = restore_params(run_dir / "checkpoints", abstract_params(cfg))
-    """
-    from bitgen.train.task import build_task
-
-    task = build_task(cfg, vocab_size)
-    shapes = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    else:
-        shardings = parallel.tree_shardings(mesh, shapes, task.param_axes)
-    return abstract_with_shardings(shapes, shardings)

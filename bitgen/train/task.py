@@ -18,8 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from bitgen import parallel
 from bitgen.config import ExperimentConfig
+from bitgen.train.state import abstract_with_shardings
 from bitgen.train.step import StepFns
 
 TASKS = ("cobit", "ar")
@@ -142,3 +145,24 @@ def sample_texts(cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array, n
     decoded = rows.codec.decode(jax.device_get(bits))
     texts = [rows.decode_text(ids[:length]) for ids, length in zip(decoded.ids, decoded.length)]
     return texts, sampler_cfg.grid
+
+
+def abstract_params(cfg: Any, *, vocab_size: int | None = None, mesh: Mesh | None = None) -> Any:
+    """Parameter ShapeDtypeStructs of ``cfg``'s model, the target for ``restore_params``.
+
+    With ``mesh`` they carry the training layout (``parallel.LOGICAL_RULES``); without, every leaf
+    sits on the first local device. ``vocab_size`` is required for ``cfg.task == "ar"`` (the
+    data codec's vocabulary; a checkpoint's metadata stores it as ``meta["vocab_size"]``).
+
+    Example (EMA weights of a run for sampling)::
+
+        params = restore_params(run_dir / "checkpoints", abstract_params(cfg))
+    """
+    task = build_task(cfg, vocab_size)
+    shapes = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    else:
+        shardings = parallel.tree_shardings(mesh, shapes, task.param_axes)
+    return abstract_with_shardings(shapes, shardings)
