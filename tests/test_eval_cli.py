@@ -249,3 +249,16 @@ def test_run_entropy_table_is_the_newest_at_the_checkpoint_step_and_tolerates_cd
     newest = latest_entropy_table(tmp_path)
     assert newest.cdf.max() <= 1.0 + 1e-6 and np.all(np.diff(newest.cdf) >= -1e-6)
     assert latest_entropy_table(tmp_path, 50) is None
+
+
+def test_eval_cli_adds_the_unigram_control_on_request(cobit_run, ar_run, tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    argv = ["eval", "--run-dir", str(cobit_run), "--evaluator", str(ar_run), "--sweep",
+            "grid=karras nfe=4 gamma=0", "--seeds", "0,1", "--num", "3", "--out-dir", str(out_dir),
+            "--no-progress", "--control"]
+    assert cli.main(argv) == 0
+    rows = sweep.read_rows(out_dir / "results.jsonl")
+    control = [r for r in rows if r["model"] == "iid unigram"]
+    assert [r["seed"] for r in control] == [0, 1] and all(r["n"] == 3 for r in control)
+    assert all(np.isfinite(r["genppl"]) and r["genppl"] > 1 for r in control)
+    assert "tokens drawn independently" in capsys.readouterr().out
