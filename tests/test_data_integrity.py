@@ -193,3 +193,18 @@ def test_a_run_keeps_its_code_map_and_refuses_another(cfg, tmp_path):
     assert not np.array_equal(other.permutation.id_to_code, codec.permutation.id_to_code)
     with pytest.raises(DataError, match="differs from the one this run was trained with.*--run-dir"):
         pin_code_map(run, other, write=True)
+
+
+def test_a_read_that_ends_short_is_refused_and_not_cached(cfg, monkeypatch):
+    """The bug this module guards against: a reader closed early (as tqdm closed it) must not be
+    cached as if it were the whole corpus."""
+    import itertools
+
+    from bitgen.data.sources import TextSource
+
+    whole = TextSource.documents
+    monkeypatch.setattr(TextSource, "documents", lambda self, stats=None: itertools.islice(whole(self, stats), 10))
+    records = 2 * ENCODE_BATCH_DOCS + 137 + 1  # the fixture's documents and its one empty line
+    with pytest.raises(DataError, match=rf"read 10 records of .*expected {records} .*nothing was cached"):
+        build_corpus_rows(cfg, 16)
+    assert not list((Path(cfg.cache_dir) / "rows").rglob(META_FILE))

@@ -253,12 +253,13 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
     code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
     boundary_id = separator_id(tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
-    # Settings errors surface before the (long) build; a frequency code map needs the rows, so its
-    # other settings are checked with raw codes first.
-    codec = codec_for(cfg if cfg.bit_order != "frequency" else dataclasses.replace(cfg, bit_order="raw"),
-                      vocab_size, code_tokenizer)
+    # Settings errors surface before the (long) build. A frequency code map needs the rows: its
+    # other settings are checked with raw codes now and the codec is built after the rows.
     if cfg.bit_order == "frequency":
+        codec_for(dataclasses.replace(cfg, bit_order="raw"), vocab_size, code_tokenizer)
         codec = None
+    else:
+        codec = codec_for(cfg, vocab_size, code_tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     fingerprint = {
         "source": source.identity,
@@ -303,9 +304,9 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
                     bar.close()
             if not read_stats.complete(source.records):
                 raise DataError(
-                    f"read {read_stats.records:,} of the {source.records:,} records of {cfg.source!r} "
-                    "(the source changed while it was read, or the reader stopped early); nothing "
-                    "was cached: run the command again"
+                    f"read {read_stats.records:,} records of {cfg.source!r}, expected "
+                    f"{source.records} (the source changed while it was read, or the reader stopped "
+                    "early); nothing was cached: run the command again"
                 )
             if read_stats.documents == 0:
                 raise DataError(
