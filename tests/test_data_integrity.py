@@ -91,26 +91,27 @@ def test_cache_records_format_and_counts(cfg):
     meta = json.loads((Path(packed.stats.cache_path) / META_FILE).read_text())
     assert meta["fingerprint"]["format"] == CACHE_FORMAT_VERSION >= 2
     assert meta["stats"]["documents"] == packed.stats.documents
-    assert meta["stats"]["records"] == packed.stats.records == json.loads(
-        json.dumps(meta["fingerprint"]["source"]))["records"]
+    assert meta["stats"]["records"] == packed.stats.records == meta["fingerprint"]["source"]["records"]
+
+
+def _edit_sidecar(packed, section: str, key: str, value) -> None:
+    """Overwrite one entry of a built cache's sidecar, as another writer or version would."""
+    sidecar = Path(packed.stats.cache_path) / META_FILE
+    meta = json.loads(sidecar.read_text())
+    meta[section][key] = value
+    sidecar.write_text(json.dumps(meta))
 
 
 def test_cache_of_an_older_format_is_never_reused(cfg):
     packed = build_corpus_rows(cfg, 16)
-    cache = Path(packed.stats.cache_path)
-    meta = json.loads((cache / META_FILE).read_text())
-    meta["fingerprint"]["format"] = 1  # as written by the previous cache format
-    (cache / META_FILE).write_text(json.dumps(meta))
+    _edit_sidecar(packed, "fingerprint", "format", 1)  # as written by the previous cache format
     again = build_corpus_rows(cfg, 16)
     assert again.stats.cache_status.startswith("built") and "format" in again.stats.cache_status
 
 
 def test_cache_whose_counts_disagree_with_the_source_stops(cfg):
     packed = build_corpus_rows(cfg, 16)
-    cache = Path(packed.stats.cache_path)
-    meta = json.loads((cache / META_FILE).read_text())
-    meta["stats"]["records"] = 2048  # what a truncated read would have recorded
-    (cache / META_FILE).write_text(json.dumps(meta))
+    _edit_sidecar(packed, "stats", "records", 2048)  # what a truncated read would have recorded
     with pytest.raises(DataError, match=rf"records 2,048 .* has {packed.stats.records:,}; delete .*--rebuild"):
         build_corpus_rows(cfg, 16)
     assert build_corpus_rows(cfg, 16, rebuild=True).stats.records == packed.stats.records

@@ -31,16 +31,11 @@ from bitgen.cli import main
 from bitgen.config import ConfigError, load_config
 from bitgen.runlock import RunLock, RunLockedError
 from bitgen.train.loop import max_param_difference, train
+from test_train_loop import TINY as TRAIN_LOOP_TINY
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n_blocks=1",
-    "model.dim_ff=64", "model.content_dim=8", "model.head_hidden=16",
-    "data.batch_size=8", "train.steps=6", "train.ckpt_every=2", "train.log_every=1",
-    "train.sample_every=0", "optim.warmup_steps=2", "entropy.update_every=2",
-    "entropy.min_per_bin=0", "entropy.warmup_steps=2", "entropy.transition_steps=2",
-    "mesh.data=4", "mesh.fsdp=2",
-]
+# The train-loop tests' tiny run, saving every 2 steps (a key may be given only once).
+TINY = [o for o in TRAIN_LOOP_TINY if not o.startswith("train.ckpt_every=")] + ["train.ckpt_every=2"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
