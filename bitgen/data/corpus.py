@@ -20,6 +20,7 @@ from bitgen.codecs import BitCodec, IdCodeMap
 from bitgen.config import DataConfig
 from bitgen.data.cache import cache_dir_for, load_cached_rows, write_cached_rows
 from bitgen.data.packing import StreamPacker
+from bitgen.textcodec import TextCodec
 from bitgen.data.sources import (
     NORMALISATION_VERSION,
     DataError,
@@ -90,12 +91,10 @@ class PackedRows:
     def val_rows(self) -> np.ndarray:
         return self.rows[self.stats.train_rows:]
 
-    def decode_text(self, ids) -> str:
-        """One row of ids ``[T]`` (as produced by ``codec.decode``) -> text (spec §5.4)."""
-        ids = np.asarray(ids).tolist()
-        if self.code_tokenizer is not None:
-            ids = self.code_tokenizer.decode_codes(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    @property
+    def text_codec(self) -> TextCodec:
+        """The tokenizer, code tokenizer and codec as one text <-> bits pipeline."""
+        return TextCodec(self.tokenizer, self.codec, self.code_tokenizer)
 
 
 def split_sizes(n_rows: int, val_fraction: float) -> tuple[int, int]:
