@@ -225,8 +225,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _family_options(task: str) -> type | None:
     """The dataclass of ``task``'s own config section (None when the family has none)."""
-    if task not in families.NAMES:
-        raise ConfigError(f"task={task!r} is not one of {families.NAMES}")
+    if task not in families.names():
+        raise ConfigError(f"task={task!r} is not one of the model families {families.names()}")
     return families.get(task).options
 
 

@@ -20,17 +20,21 @@ _MODULES = {
     "cobit": "bitgen.families.cobit",  # CoBit bitstream diffusion over P-bit token codes
     "ar": "bitgen.families.ar",  # autoregressive softmax baseline over token ids
 }
-NAMES = tuple(_MODULES)
 
 
 class UnknownFamilyError(BitgenError, ValueError):
     """A config names a model family that is not registered."""
 
 
+def names() -> tuple[str, ...]:
+    """The registered families' names."""
+    return tuple(_MODULES)
+
+
 def get(name: str) -> Family:
     """The registered family ``name``."""
     if name not in _MODULES:
-        raise UnknownFamilyError(f"task={name!r} is not a registered model family; known: {NAMES}")
+        raise UnknownFamilyError(f"task={name!r} is not a registered model family; known: {names()}")
     return importlib.import_module(_MODULES[name]).FAMILY
 
 
