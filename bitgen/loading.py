@@ -121,6 +121,27 @@ def run_text(cfg: ExperimentConfig, run: Path | None) -> TextCodec:
     return rows.text_codec
 
 
+def text_codec_from_config(cfg: ExperimentConfig) -> TextCodec:
+    """The text pipeline a config names by file (tokenizer, code tokenizer, code order), built
+    without reading the corpus: what sampling from released or converted weights needs."""
+    from bitgen.data.corpus import codec_for, resolve_code_tokenizer
+    from bitgen.data.sources import DataError
+    from bitgen.tokenizers import load_tokenizer, vocab_size_of
+
+    data = cfg.data
+    if data.tokenizer == "bpe":
+        raise DataError("data.tokenizer=bpe is trained on the corpus, so weights alone cannot name it; "
+                        "set data.tokenizer to the tokenizer file the weights were trained with (a "
+                        "run keeps it as <run>/tokenizer/tokenizer.json)")
+    if data.bit_order == "frequency":
+        raise DataError("data.bit_order=frequency is ranked on the training rows; set data.bit_order "
+                        "to the run's id->code map (<run>/tokenizer/code_map.npy)")
+    tokenizer = load_tokenizer(data.tokenizer)
+    code_tokenizer = resolve_code_tokenizer(data, tokenizer)
+    vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
+    return TextCodec(tokenizer, codec_for(data, vocab_size, code_tokenizer), code_tokenizer)
+
+
 def latest_entropy_table(run: Path | None, step: int | None = None):
     """The newest ``entropy_tables/entropy_table_<step>.npz`` of a run written at or before
     ``step`` (default: any), or None."""

@@ -176,7 +176,7 @@ def _resolve_tokenizer(cfg: DataConfig, source: TextSource, progress: bool) -> T
                      corpus_fingerprint=json.dumps(source.identity, sort_keys=True))
 
 
-def _resolve_code_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> CodeTokenizer | None:
+def resolve_code_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> CodeTokenizer | None:
     if not cfg.code_tokenizer:
         return None
     if cfg.packing != "window":
@@ -249,7 +249,7 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
         raise DataError(f"data.max_document_chars={cfg.max_document_chars} must be >= 1 (default 1000000)")
     source = open_source(cfg)
     tokenizer = _resolve_tokenizer(cfg, source, progress)
-    code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
+    code_tokenizer = resolve_code_tokenizer(cfg, tokenizer)
     boundary_id = separator_id(tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
     # Settings errors surface before the (long) build. A frequency code map needs the rows: its
