@@ -100,7 +100,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
     from bitgen.checkpoint import PreemptionFlag
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
-    from bitgen.eval.sample_cli import load_model
+    from bitgen.loading import load_model
     from bitgen.eval.sweep import (
         aggregate,
         format_table,

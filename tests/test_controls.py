@@ -49,11 +49,13 @@ class _Rows:
         seq_tokens = 6
 
     train_rows = np.array([[0, 1, 1, 2, 2, 2]] * 3)
-    code_tokenizer = None
 
-    @staticmethod
-    def decode_text(ids) -> str:
-        return " ".join("abcd"[int(i)] for i in ids)
+    class text_codec:  # noqa: N801
+        code_tokenizer = None
+
+        @staticmethod
+        def decode_ids(ids) -> str:
+            return " ".join("abcd"[int(i)] for i in ids)
 
 
 def test_control_rows_are_scored_like_samples_and_reused(tmp_path, monkeypatch):
@@ -72,7 +74,7 @@ def test_control_rows_are_scored_like_samples_and_reused(tmp_path, monkeypatch):
     assert [r["model"] for r in rows] == [UNIGRAM_MODEL] * 2 and [r["seed"] for r in rows] == [0, 1]
     texts, ids = scored[0]
     assert len(texts) == 5 and all(len(i) == 6 for i in ids)
-    assert texts[0] == _Rows.decode_text(ids[0]) and not any("d" in t for t in texts)  # id 3 unseen
+    assert texts[0] == _Rows.text_codec.decode_ids(ids[0]) and not any("d" in t for t in texts)  # id 3 unseen
     again = unigram_control(_Rows, evaluator, out, seeds=(0, 1), num=5)
     assert len(scored) == 2 and [r["genppl"] for r in again] == [r["genppl"] for r in rows]
     unigram_control(_Rows, evaluator, out, seeds=(2,), num=5)  # a new seed is drawn and scored

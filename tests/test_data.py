@@ -91,7 +91,7 @@ def test_build_rows_and_cache_reuse(cfg):
     assert s.train_rows + s.val_rows == s.rows and s.val_rows == round(0.1 * s.rows)
     assert s.cache_status.startswith("built")
     # The first row decodes back to the start of the corpus (separator between documents).
-    text = packed.decode_text(packed.codec.decode(packed.codec.ids_to_bits(packed.rows[:1])).ids[0])
+    text = packed.text_codec.decode_bits(packed.codec.ids_to_bits(packed.rows[:1]))[0].text
     assert text.startswith(SENTENCES[0] + "<|endoftext|>" + SENTENCES[1][:5])
     again = build_corpus_rows(cfg, 16)
     assert again.stats.cache_status == "reused" and isinstance(again.rows, np.memmap)
@@ -316,5 +316,5 @@ def test_window_packing_with_code_tokenizer_end_to_end(cfg, tmp_path):
         assert (codes[end + 1:] == code_tok.pad_id).all()
         decoded = packed.codec.decode(packed.codec.ids_to_bits(codes[None]))
         assert decoded.length[0] == end
-        assert packed.decode_text(decoded.ids[0, :end]) == base.tokenizer.decode(
+        assert packed.text_codec.decode_ids(decoded.ids[0, :end]) == base.tokenizer.decode(
             window[1:-1].tolist(), skip_special_tokens=False)

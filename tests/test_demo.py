@@ -28,7 +28,7 @@ def stand_in_training(tmp_path, monkeypatch):
     from bitgen.data.corpus import build_corpus_rows
     from bitgen.diffusion.denoiser import init_params
     from bitgen.nn.ar import init_ar_params
-    from bitgen.train.task import ar_config
+    from bitgen.families.ar import ar_config
 
     (tmp_path / "tiny.txt").write_text("".join(f"a {w} line {i} of text.\n" for i in range(300)
                                                for w in ("x", "y")))

@@ -25,8 +25,9 @@ from bitgen.config import (
 )
 from bitgen.eval import plot, sweep
 from bitgen.eval.metrics import windowed_sequence_nll
-from bitgen.eval.sample_cli import SampleError, decode_samples, load_model
-from bitgen.train.task import ar_config
+from bitgen.generation import decode_samples
+from bitgen.loading import SampleError, load_model
+from bitgen.families.ar import ar_config
 
 # --------------------------------------------------------------------------------------------------
 # Pure pieces
@@ -166,7 +167,7 @@ def test_sample_cli_writes_text_and_jsonl_consistent_with_the_codec(cobit_run, t
 
 
 def test_first_samples_do_not_depend_on_how_many_are_drawn(cobit_run):
-    from bitgen.eval.sample_cli import generate
+    from bitgen.generation import generate
 
     model = load_model(str(cobit_run))
     few = generate(model, 2, 5, progress=False)
@@ -190,7 +191,7 @@ def test_sample_cli_errors_name_the_fix(cobit_run, tmp_path, capsys):
 
 
 def test_ar_run_samples_and_rejects_a_cobit_run_as_evaluator(ar_run, cobit_run):
-    from bitgen.eval.sample_cli import generate
+    from bitgen.generation import generate
 
     model = load_model(str(ar_run))
     samples = generate(model, 4, 0, progress=False, temperature=0.8, top_p=0.9)
@@ -235,7 +236,7 @@ def test_evaluator_with_a_foreign_tokenizer_is_rejected():
 
 def test_run_entropy_table_is_the_newest_at_the_checkpoint_step_and_tolerates_cdf_rounding(tmp_path):
     from bitgen.diffusion.entropy_schedule import load_entropy_table, save_entropy_table
-    from bitgen.eval.sample_cli import latest_entropy_table
+    from bitgen.loading import latest_entropy_table
 
     shipped = load_entropy_table("lm1b")
     overshoot = np.asarray(shipped.cdf).copy()

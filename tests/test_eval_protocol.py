@@ -23,7 +23,7 @@ from bitgen.config import EvalConfig, ExperimentConfig, ModelConfig, SamplerConf
 from bitgen.eval import metrics, sweep
 from bitgen.eval.metrics import mean_unigram_entropy, windowed_sequence_nll
 from bitgen.eval.reference import entropy_ids
-from bitgen.eval.sample_cli import load_model
+from bitgen.loading import load_model
 from bitgen.nn import gpt2
 
 U64 = 2.0**-53  # unit roundoff of float64
@@ -179,14 +179,14 @@ def code_run(tmp_path_factory, corpus):  # noqa: F811 (fixture from test_eval_cl
 
 
 def test_entropy_of_code_samples_counts_decoded_base_ids(code_run, tmp_path):
-    from bitgen.eval.sample_cli import generate
+    from bitgen.generation import generate
 
     model = load_model(str(code_run))
-    code_tok = model.rows.code_tokenizer
+    code_tok = model.text.code_tokenizer
     samples = generate(model, 6, 0, progress=False)
     base = [code_tok.decode_codes(s.ids) for s in samples]
     for s, ids in zip(samples, base):
-        np.testing.assert_array_equal(entropy_ids(model.rows, s.ids), ids)
+        np.testing.assert_array_equal(entropy_ids(model.text, s.ids), ids)
     uniform = sweep.Evaluator("uniform", lambda t: [ord(c) % 7 for c in t], jax.jit(
         lambda ids, mask: windowed_sequence_nll(lambda w: jnp.zeros(w.shape + (7,)), ids, mask,
                                                 window=16)), 16)
@@ -218,13 +218,13 @@ def test_eval_runs_the_config_protocol_with_test_split_reference(code_run, ar_ru
     assert "test rows" in capsys.readouterr().out
     # The same rows by hand: tokenise the test file, pack, code; score them like samples.
     docs = open_source(dataclasses.replace(model.cfg.data, source=test_source)).documents()
-    tok = model.rows.tokenizer
+    tok = model.text.tokenizer
     windows = pack([tok.encode(d, add_special_tokens=False).ids for d in docs], 8, "window",
                    separator_id(tok))[:3]
-    codes = model.rows.code_tokenizer.encode_windows(windows, 8)
+    codes = model.text.code_tokenizer.encode_windows(windows, 8)
     evaluator = sweep.load_evaluator(str(ar_run))
-    ppl, entropy = sweep.score_samples([model.rows.decode_text(c) for c in codes],
-                                       [entropy_ids(model.rows, c) for c in codes], evaluator)
+    ppl, entropy = sweep.score_samples([model.text.decode_ids(c) for c in codes],
+                                       [entropy_ids(model.text, c) for c in codes], evaluator)
     assert (real[0]["genppl"], real[0]["entropy"]) == (ppl, entropy)
 
 

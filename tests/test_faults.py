@@ -264,7 +264,7 @@ def test_resume_target_below_the_checkpoint_is_refused_before_writing(full, tmp_
 # -- readers: sample / eval ----------------------------------------------------------------------
 
 def test_sample_reads_a_chosen_step_and_skips_a_damaged_newest_one(full, tmp_path, caplog, capsys):
-    from bitgen.eval.sample_cli import load_model
+    from bitgen.loading import load_model
 
     run = copy_run(full, tmp_path / "run")
     assert load_model(str(run), step=4).step == 4

@@ -53,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
     for i in range(min(args.show, s.rows)):
-        row = np.asarray(packed.rows[i])
-        decoded = codec.decode(codec.ids_to_bits(row[None]))
-        text = packed.decode_text(decoded.ids[0, : decoded.length[0]])
+        text = packed.text_codec.decode_bits(codec.ids_to_bits(np.asarray(packed.rows[i])[None]))[0].text
         print(f"\nrow {i} (bits -> ids -> text):\n{text!r}")
     return 0

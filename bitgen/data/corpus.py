@@ -20,6 +20,7 @@ from bitgen.codecs import BitCodec, IdCodeMap
 from bitgen.config import DataConfig
 from bitgen.data.cache import cache_dir_for, load_cached_rows, write_cached_rows
 from bitgen.data.packing import StreamPacker
+from bitgen.textcodec import TextCodec
 from bitgen.data.sources import (
     NORMALISATION_VERSION,
     DataError,
@@ -90,12 +91,10 @@ class PackedRows:
     def val_rows(self) -> np.ndarray:
         return self.rows[self.stats.train_rows:]
 
-    def decode_text(self, ids) -> str:
-        """One row of ids ``[T]`` (as produced by ``codec.decode``) -> text (spec §5.4)."""
-        ids = np.asarray(ids).tolist()
-        if self.code_tokenizer is not None:
-            ids = self.code_tokenizer.decode_codes(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    @property
+    def text_codec(self) -> TextCodec:
+        """The tokenizer, code tokenizer and codec as one text <-> bits pipeline."""
+        return TextCodec(self.tokenizer, self.codec, self.code_tokenizer)
 
 
 def split_sizes(n_rows: int, val_fraction: float) -> tuple[int, int]:
@@ -177,7 +176,7 @@ def _resolve_tokenizer(cfg: DataConfig, source: TextSource, progress: bool) -> T
                      corpus_fingerprint=json.dumps(source.identity, sort_keys=True))
 
 
-def _resolve_code_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> CodeTokenizer | None:
+def resolve_code_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> CodeTokenizer | None:
     if not cfg.code_tokenizer:
         return None
     if cfg.packing != "window":
@@ -250,7 +249,7 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
         raise DataError(f"data.max_document_chars={cfg.max_document_chars} must be >= 1 (default 1000000)")
     source = open_source(cfg)
     tokenizer = _resolve_tokenizer(cfg, source, progress)
-    code_tokenizer = _resolve_code_tokenizer(cfg, tokenizer)
+    code_tokenizer = resolve_code_tokenizer(cfg, tokenizer)
     boundary_id = separator_id(tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
     # Settings errors surface before the (long) build. A frequency code map needs the rows: its

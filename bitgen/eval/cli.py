@@ -98,7 +98,6 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     from bitgen.checkpoint import PreemptionFlag
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
-    from bitgen.eval.sample_cli import load_model
     from bitgen.eval.sweep import (
         aggregate,
         describe_point,
@@ -109,6 +108,7 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
         run_sweep,
         write_csv,
     )
+    from bitgen.loading import load_model
 
     model = load_model(args.run_dir, args.checkpoint, config=args.config, table=args.table,
                        weights=args.weights, step=args.step)

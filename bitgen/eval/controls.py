@@ -39,8 +39,8 @@ def unigram_control_row(rows, evaluator: Evaluator, *, seed: int, num: int) -> d
     start = time.perf_counter()
     counts = token_counts(rows.train_rows, rows.codec.vocab_size)
     ids = draw_unigram(counts, jax.random.key(seed), (num, rows.stats.seq_tokens))
-    texts = [rows.decode_text(r) for r in ids]
-    ppl, entropy = score_samples(texts, [entropy_ids(rows, r) for r in ids], evaluator)
+    texts = [rows.text_codec.decode_ids(r) for r in ids]
+    ppl, entropy = score_samples(texts, [entropy_ids(rows.text_codec, r) for r in ids], evaluator)
     return {**{k: None for k in POINT_KEYS}, "model": UNIGRAM_MODEL, "evaluator": evaluator.name,
             "seed": seed, "n": num, "scoring": SCORING_VERSION, "genppl": ppl, "entropy": entropy,
             "n_invalid_mean": 0.0, "seconds": time.perf_counter() - start}

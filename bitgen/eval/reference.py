@@ -21,16 +21,16 @@ REFERENCES = ("heldout", "test")
 _DOCS_PER_BATCH = 256  # documents tokenised per call while reading a test split
 
 
-def entropy_ids(rows, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+def entropy_ids(text, ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids of one sample for unigram entropy (spec §6.2).
 
-    ``rows`` is the run's ``PackedRows``; ``ids`` are the generator's token ids (second-stage codes
+    ``text`` is the run's ``TextCodec``; ``ids`` are the generator's token ids (second-stage codes
     when the run has a code tokenizer: those are decoded to base ids first, stopping at the first
     PAD/EOSEQ and trimming the synthetic BOS/EOS as for the text).
     """
-    if rows.code_tokenizer is None:
+    if text.code_tokenizer is None:
         return np.asarray(ids)
-    return np.asarray(rows.code_tokenizer.decode_codes(ids))
+    return np.asarray(text.code_tokenizer.decode_codes(ids))
 
 
 def first_rows(model, source: str, num: int) -> np.ndarray:
@@ -39,19 +39,18 @@ def first_rows(model, source: str, num: int) -> np.ndarray:
     from bitgen.data.corpus import encode_documents
     from bitgen.data.packing import StreamPacker
     from bitgen.data.sources import DataError, open_source
-    from bitgen.tokenizers import separator_id
 
-    cfg, rows = model.cfg, model.rows
+    cfg, text = model.cfg, model.text
     seq_tokens = cfg.model.seq_tokens
     docs = open_source(dataclasses.replace(cfg.data, source=source)).documents()
-    packer = StreamPacker(seq_tokens, cfg.data.packing, separator_id(rows.tokenizer))
+    packer = StreamPacker(seq_tokens, cfg.data.packing, text.separator_id)
     chunks, have = [], 0
     # The training corpus's tokenisation (long documents in pieces), stopped once num rows exist.
-    for ids in encode_documents(docs, rows.tokenizer, cfg.data.max_document_chars,
+    for ids in encode_documents(docs, text.tokenizer, cfg.data.max_document_chars,
                                 {"split_documents": 0}, batch_docs=_DOCS_PER_BATCH):
         packed = packer.push(ids)
-        if rows.code_tokenizer is not None and len(packed):
-            packed = rows.code_tokenizer.encode_windows(packed, seq_tokens)
+        if text.code_tokenizer is not None and len(packed):
+            packed = text.code_tokenizer.encode_windows(packed, seq_tokens)
         chunks.append(np.asarray(packed))
         have += len(packed)
         if have >= num:

@@ -33,14 +33,8 @@ import numpy as np
 
 from bitgen.eval.metrics import gen_ppl, mean_unigram_entropy
 from bitgen.eval.reference import entropy_ids, reference_label, reference_rows
-from bitgen.eval.sample_cli import (
-    LoadedModel,
-    Sample,
-    SampleError,
-    generate,
-    sampler_settings_dict,
-    write_samples,
-)
+from bitgen.generation import Sample, generate, sampler_settings_dict, sampling_options, write_samples
+from bitgen.loading import LoadedModel, SampleError
 
 # Fields that identify an operating point (everything except the seed and the measurements).
 POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
@@ -237,24 +231,22 @@ def load_evaluator(spec: str, dtype: str = "auto") -> Evaluator:
         _check_tokenizer(spec, encode, cfg.vocab_size)
         score = jax.jit(functools.partial(gpt2.sequence_nll, params, cfg=cfg))
         return Evaluator(f"{spec}@{dtype}", encode, score, cfg.n_positions)
-    from bitgen.eval.sample_cli import load_model
-    from bitgen.nn import ar
-    from bitgen.train.task import ar_config
+    from bitgen.loading import load_model
 
     model = load_model(spec)
-    if model.task != "ar":
-        raise SampleError(f"evaluator run {spec} is a {model.task!r} run; an evaluator must be an AR "
-                          "run (task=ar, e.g. configs/demo_ar_eval_cpu.py) or gpt2:DIR")
-    cfg = ar_config(model.cfg, model.rows.codec.vocab_size)
-    tokenizer = model.rows.tokenizer
+    if not hasattr(model.family, "sequence_scorer"):
+        raise SampleError(f"evaluator run {spec} is a {model.task!r} run, which cannot score text; an "
+                          "evaluator must be an AR run (task=ar, e.g. configs/demo_ar_eval_cpu.py) "
+                          "or gpt2:DIR")
+    tokenizer = model.text.tokenizer
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
-    _check_tokenizer(spec, encode, cfg.vocab_size)
-    score = jax.jit(functools.partial(ar.sequence_nll, model.params, cfg=cfg))
+    score, vocab_size, window = model.family.sequence_scorer(model)
+    _check_tokenizer(spec, encode, vocab_size)
     # The step is part of the name so rows scored by an earlier checkpoint are not reused.
-    return Evaluator(f"{spec}@{model.step}", encode, score, cfg.seq_len)
+    return Evaluator(f"{spec}@{model.step}", encode, jax.jit(score), window)
 
 
 def _check_tokenizer(spec: str, encode: Callable[[str], Sequence[int]], vocab_size: int) -> None:
@@ -275,8 +267,8 @@ def reference_row(model: LoadedModel, evaluator: Evaluator, num: int, reference:
     if len(rows) == 0:
         raise SampleError("the run's corpus has no held-out rows (data.val_fraction=0); the "
                           "real-data reference needs some, or use --reference test")
-    texts = [model.rows.decode_text(r) for r in rows]
-    ppl, entropy = score_samples(texts, [entropy_ids(model.rows, r) for r in rows], evaluator)
+    texts = [model.text.decode_ids(r) for r in rows]
+    ppl, entropy = score_samples(texts, [entropy_ids(model.text, r) for r in rows], evaluator)
     return {**{k: None for k in POINT_KEYS}, "model": "real data", "evaluator": evaluator.name,
             "reference": label, "reference_num": num, "seed": 0, "n": len(rows),
             "scoring": SCORING_VERSION, "genppl": ppl, "entropy": entropy, "n_invalid_mean": 0.0,
@@ -346,10 +338,11 @@ def run_sweep(model: LoadedModel, evaluator: Evaluator | None, out_jsonl: Path, 
 
     done = {(point_key(r), r["seed"], r["n"]): r for r in read_rows(out_jsonl)
             if r.get("scoring") == SCORING_VERSION}
-    if model.task == "ar":
-        configs = [(model.cfg.sampler, t) for t in temperatures]
-    else:
+    if model.family.sweeps_sampler:
         configs = [(apply_overrides(model.cfg, list(p)).sampler, 1.0) for p in points]
+    else:
+        configs = [(model.cfg.sampler, sampling_options(model, t, top_p)[0]) for t in temperatures]
+    top_p = sampling_options(model, None, top_p)[1]
     if batch_size:
         configs = [(dataclasses.replace(c, batch_size=batch_size), t) for c, t in configs]
     rows = []
@@ -380,7 +373,7 @@ def run_sweep(model: LoadedModel, evaluator: Evaluator | None, out_jsonl: Path, 
                     f"samples ({time.perf_counter() - start:.1f} s)")
                 continue
             ppl, entropy = score_samples([s.text for s in samples],
-                                         [entropy_ids(model.rows, s.ids) for s in samples], evaluator)
+                                         [entropy_ids(model.text, s.ids) for s in samples], evaluator)
             row.update(seed=seed, n=num, scoring=SCORING_VERSION, genppl=ppl, entropy=entropy,
                        seconds=seconds,
                        n_invalid_mean=float(np.mean([s.n_invalid for s in samples])))

@@ -4,6 +4,7 @@ Run directory layout::
 
     <run_dir>/.bitgen.lock         held (flock) by the one process writing the run
     <run_dir>/config.json          the resolved ExperimentConfig
+    <run_dir>/tokenizer/           the tokenizer(s) and codec (bitgen.textcodec): sampling needs no corpus
     <run_dir>/metrics.jsonl        one JSON line per logged step
     <run_dir>/tb/                  TensorBoard event files
     <run_dir>/checkpoints/<step>/  orbax checkpoints (state, data position, metadata)
@@ -49,7 +50,8 @@ from bitgen.train.state import (
     state_layout,
 )
 from bitgen.train.step import jit_train_step, make_train_step
-from bitgen.train.task import build_task, sample_texts
+from bitgen.families import family_of
+from bitgen.train.task import build_task
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +162,12 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[dict[str, An
     return rows
 
 
-def _save_table(state: TrainState, run_dir: Path, step: int) -> None:
-    from bitgen.diffusion.entropy_schedule import save_entropy_table
-
-    save_entropy_table(jax.device_get(state.schedule.table), run_dir / "entropy_tables" / f"entropy_table_{step:08d}.npz")
-
-
 def _write_samples(cfg: ExperimentConfig, state: TrainState, rows, step: int, run_dir: Path, logger: _Logger) -> None:
     """Draw a few samples with the EMA weights and log them as text."""
     key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), step)
-    texts, method = sample_texts(cfg, state, rows, key, min(4, cfg.sampler.batch_size))
+    family = family_of(cfg)
+    raw, method = family.training_samples(cfg, state, rows, key, min(4, cfg.sampler.batch_size))
+    texts = [decoded.text for decoded, _ in family.decode(raw, rows.text_codec)]
     if not logger.enabled:
         return
     with (run_dir / "samples.jsonl").open("a") as f:
@@ -269,7 +267,7 @@ def train(
     flag: PreemptionFlag | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``cfg`` (``cfg.task``: ``cobit`` or ``ar``) in ``run_dir`` until ``train.steps`` or a
+    """Train ``cfg`` (any registered model family) in ``run_dir`` until ``train.steps`` or a
     preemption signal.
 
     The jitted init/step are cached per (config, mesh, vocabulary): calling train() again in the
@@ -297,17 +295,16 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
            resume_from: int | None, flag: PreemptionFlag, progress: bool) -> TrainResult:
     from bitgen.data.corpus import build_corpus_rows, document_summary, pin_code_map
     from bitgen.data.pipeline import make_batch_dataset, make_batch_iterator
+    from bitgen.textcodec import pin_run_text_codec
 
     mesh = parallel.make_mesh(cfg.mesh)
     main = _is_main()
 
     rows = build_corpus_rows(cfg.data, cfg.model.seq_tokens, progress=progress and main)
     pin_code_map(run_dir, rows.codec, write=main)
-    if cfg.task == "cobit" and rows.codec.width != cfg.model.patch_size:
-        raise ConfigError(
-            f"the tokenizer/codec gives {rows.codec.width} bits per token but "
-            f"model.patch_size={cfg.model.patch_size}; set model.patch_size={rows.codec.width}"
-        )
+    family = family_of(cfg)
+    family.check(cfg, rows.text_codec)
+    pin_run_text_codec(run_dir, rows.text_codec, write=main)
     dataset = make_batch_dataset(
         rows.train_rows, rows.codec, global_batch=cfg.data.batch_size, seed=cfg.data.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -372,9 +369,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
                 if log_now:
                     last = logger.write(rows_out, time.perf_counter() - window_start, window_steps)
                     window_start, window_steps = time.perf_counter(), 0
-            table_due = cfg.task == "cobit" and cfg.entropy.enabled and done % cfg.entropy.update_every == 0
-            if table_due and main and bool(jax.device_get(state.schedule.table_ready)):
-                _save_table(state, run_dir, done)
+            if main:
+                family.after_step(cfg, state, run_dir, done)
             if cfg.train.sample_every and done % cfg.train.sample_every == 0 and not preempted:
                 _write_samples(cfg, state, rows, done, run_dir, logger)
             ckpt.save(done, state, metadata=_metadata(cfg, mesh, done, vocab_size), data_iter=data_iter,

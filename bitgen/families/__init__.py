@@ -1,0 +1,43 @@
+"""Model families, looked up by name: ``ExperimentConfig.task`` is read here and nowhere else.
+
+Each family is one module defining ``FAMILY`` (the ``bitgen.families.base.Family`` protocol);
+adding one is that module plus one line in ``_MODULES``. Modules are imported on first use, so
+reading a config does not import model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bitgen.errors import BitgenError
+
+if TYPE_CHECKING:
+    from bitgen.families.base import Family
+
+# name -> module defining FAMILY
+_MODULES = {
+    "cobit": "bitgen.families.cobit",  # CoBit bitstream diffusion over P-bit token codes
+    "ar": "bitgen.families.ar",  # autoregressive softmax baseline over token ids
+}
+
+
+class UnknownFamilyError(BitgenError, ValueError):
+    """A config names a model family that is not registered."""
+
+
+def names() -> tuple[str, ...]:
+    """The registered families' names."""
+    return tuple(_MODULES)
+
+
+def get(name: str) -> Family:
+    """The registered family ``name``."""
+    if name not in _MODULES:
+        raise UnknownFamilyError(f"task={name!r} is not a registered model family; known: {names()}")
+    return importlib.import_module(_MODULES[name]).FAMILY
+
+
+def family_of(cfg: Any) -> Family:
+    """The family of an ``ExperimentConfig``."""
+    return get(cfg.task)

@@ -1,0 +1,71 @@
+"""What a model family provides: the ``Family`` protocol and the training ``Task`` it builds.
+
+Train, sample, eval, bench and demo look a family up once (``bitgen.families.family_of``) and call
+these functions; none of them branches on the family's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from bitgen.textcodec import DecodedText, TextCodec
+from bitgen.train.step import StepFns
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The training pieces of a family bound to one config.
+
+    init_params:   key -> params (float32 pytree).
+    param_axes:    pytree of logical-axis tuples matching the params.
+    init_schedule: () -> schedule state pytree, or None when the family has none.
+    step_fns:      the loss/conditioning pieces of the train step.
+    """
+
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    param_axes: Any
+    init_schedule: Callable[[], Any]
+    step_fns: StepFns
+
+
+# (params, key, batch) -> the family's raw output for ``decode`` (bits [B,S] or ids [B,T]).
+Draw = Callable[[Any, jax.Array, int], jax.Array]
+
+
+class Family(Protocol):
+    """name: the ``task`` value. options: the dataclass of the family's own config section
+    (``ExperimentConfig.family``), or None when it has none. sweeps_sampler: whether an operating
+    point is a set of ``sampler.*`` settings (else the sampling temperature)."""
+
+    name: str
+    options: type | None
+    sweeps_sampler: bool
+
+    def check(self, cfg: Any, text: TextCodec) -> None:
+        """Raise ConfigError when the model cannot generate ``text``'s codes (e.g. bit width)."""
+
+    def task(self, cfg: Any, vocab_size: int) -> Task:
+        """Parameter init, logical axes, schedule state and train-step pieces."""
+
+    def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float) -> Draw:
+        """A sampler for a loaded model (``bitgen.loading.LoadedModel``)."""
+
+    def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
+        """Raw draws -> (decoded text, packed bits as hex or "") per row."""
+
+    def settings(self, sampler_cfg: Any, *, temperature: float, top_p: float) -> dict[str, Any]:
+        """What identifies how a sample was drawn (stored beside samples and table rows)."""
+
+    def training_samples(self, cfg: Any, state: Any, rows: Any, key: jax.Array,
+                         n: int) -> tuple[np.ndarray, str]:
+        """``n`` raw draws from ``state.ema_params`` during training, and a label of the method."""
+
+    def after_step(self, cfg: Any, state: Any, run_dir: Path, done: int) -> None:
+        """Files a family writes beside its checkpoints after step ``done`` (process 0 only)."""

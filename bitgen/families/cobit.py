@@ -1,0 +1,112 @@
+"""CoBit: bitstream diffusion over P-bit token codes (the SDT denoiser, spec §2-§5)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitgen.config import ConfigError, ExperimentConfig, SamplerConfig
+from bitgen.errors import BitgenError
+from bitgen.families.base import Draw, Task
+from bitgen.textcodec import DecodedText, TextCodec
+from bitgen.train.step import StepFns
+
+
+class MissingTableError(BitgenError, RuntimeError):
+    """The entropic σ-grid was asked for but the model has no entropy table."""
+
+
+class CoBit:
+    name = "cobit"
+    options = None
+    sweeps_sampler = True
+
+    def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
+        if text.codec.width != cfg.model.patch_size:
+            raise ConfigError(
+                f"the tokenizer/codec gives {text.codec.width} bits per token but "
+                f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
+
+    def task(self, cfg: ExperimentConfig, vocab_size: int | None = None) -> Task:
+        from bitgen.diffusion import entropy_schedule as es
+        from bitgen.diffusion.denoiser import init_params, param_logical_axes
+        from bitgen.diffusion.loss import diffusion_loss
+
+        def loss(params, bits, sigma, key):
+            value, aux = diffusion_loss(params, bits, sigma, key, model_cfg=cfg.model,
+                                        diffusion_cfg=cfg.diffusion, train=True)
+            mse = aux["mse_per_sample"]
+            return value, ({"mse": jnp.mean(mse)}, mse)
+
+        def draw_cond(schedule, key, batch, step):
+            return es.draw_training_sigma(schedule, key, batch, step, cfg.entropy, cfg.diffusion)
+
+        def update_schedule(schedule, sigma, mse, step_after):
+            # The table is rebuilt when the number of completed updates hits the cadence.
+            return es.maybe_rebuild(es.push_samples(schedule, sigma, mse), step_after, cfg.entropy)
+
+        return Task(
+            name=self.name,
+            init_params=lambda key: init_params(key, cfg.model),
+            param_axes=param_logical_axes(cfg.model),
+            init_schedule=lambda: es.init_schedule_state(cfg.entropy, cfg.diffusion),
+            step_fns=StepFns(input_key="bits", loss=loss, draw_cond=draw_cond,
+                             update_schedule=update_schedule,
+                             cond_metrics=lambda sigma: {"sigma_median": jnp.median(sigma)}),
+        )
+
+    def draw(self, model: Any, sampler_cfg: SamplerConfig, *, temperature: float = 1.0,
+             top_p: float = 1.0) -> Draw:
+        """The run's sampler (``temperature``/``top_p`` are AR settings and do not apply)."""
+        from bitgen.sampling import build_sampler
+
+        if sampler_cfg.grid == "entropic" and model.table is None:
+            raise MissingTableError(
+                "sampler.grid=entropic needs an entropy table, and the run has none "
+                "(entropy_tables/ is empty); pass --table lm1b|owt|PATH or set sampler.grid=karras")
+        sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
+                                model.cfg.diffusion)
+        return lambda params, key, batch: sampler(params, key, batch).bits
+
+    def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
+        bits = np.asarray(out)
+        return [(row, np.packbits(b.astype(np.uint8)).tobytes().hex())
+                for row, b in zip(text.decode_bits(bits), bits)]
+
+    def settings(self, sampler_cfg: SamplerConfig, *, temperature: float = 1.0,
+                 top_p: float = 1.0) -> dict[str, Any]:
+        return {"task": self.name, **dataclasses.asdict(sampler_cfg)}
+
+    def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
+                         n: int) -> tuple[np.ndarray, str]:
+        """``cfg.sampler`` on the Karras grid until the run has learned its entropy table."""
+        from jax.experimental import multihost_utils
+
+        from bitgen.sampling import build_sampler
+
+        sampler_cfg, table = cfg.sampler, None
+        if bool(jax.device_get(state.schedule.table_ready)):
+            table = jax.device_get(state.schedule.table)
+        elif sampler_cfg.grid == "entropic":
+            sampler_cfg = dataclasses.replace(sampler_cfg, grid="karras")  # no table learned yet
+        draw = build_sampler(cfg.model, sampler_cfg, table, cfg.model.seq_bits, cfg.diffusion)
+        bits = multihost_utils.process_allgather(draw(state.ema_params, key, n).bits, tiled=True)
+        return np.asarray(jax.device_get(bits)), sampler_cfg.grid
+
+    def after_step(self, cfg: ExperimentConfig, state: Any, run_dir: Path, done: int) -> None:
+        """Write the entropy table each time the schedule rebuilds it."""
+        from bitgen.diffusion.entropy_schedule import save_entropy_table
+
+        if not (cfg.entropy.enabled and done % cfg.entropy.update_every == 0):
+            return
+        if bool(jax.device_get(state.schedule.table_ready)):
+            save_entropy_table(jax.device_get(state.schedule.table),
+                               run_dir / "entropy_tables" / f"entropy_table_{done:08d}.npz")
+
+
+FAMILY = CoBit()

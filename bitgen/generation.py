@@ -1,0 +1,105 @@
+"""Draw samples from a loaded model and write them out: what ``bitgen sample``, ``bitgen eval``
+and the demo share.
+
+``generate`` asks the model's family for its sampler and decoder, so it holds no per-family code.
+A sample file is text blocks (``=== i ===`` then the text) with a JSONL twin holding one record per
+sample (text, ids, packed bits as hex, invalid-code count, seed, settings).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitgen.config import SamplerConfig
+from bitgen.loading import LoadedModel, SampleError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated sequence. ids: token ids at the decoded length; bits_hex: the packed raw bits
+    (MSB-first; "" for families that generate ids); n_invalid: codes naming no token."""
+
+    text: str
+    ids: tuple[int, ...]
+    bits_hex: str
+    n_invalid: int
+    seed: int
+    index: int
+
+
+def sampling_options(model: LoadedModel, temperature: float | None,
+                     top_p: float | None) -> tuple[float, float]:
+    """(temperature, top_p): the flags when given, else the family section's defaults."""
+    section = model.cfg.family
+    default_t = getattr(section, "temperature", 1.0)
+    default_p = getattr(section, "top_p", 1.0)
+    return (default_t if temperature is None else temperature,
+            default_p if top_p is None else top_p)
+
+
+def sampler_settings_dict(model: LoadedModel, sampler_cfg: SamplerConfig, *, temperature: float,
+                          top_p: float) -> dict[str, Any]:
+    """What identifies how a sample was drawn (written next to every sample and table row)."""
+    return {**model.family.settings(sampler_cfg, temperature=temperature, top_p=top_p),
+            "step": model.step}
+
+
+def decode_samples(model: LoadedModel, out: np.ndarray, *, seed: int, start: int) -> list[Sample]:
+    """Raw sampler output (bits [B,S] or ids [B,T], per family) -> Samples with text (spec §5.4)."""
+    return [Sample(d.text, d.ids, bits_hex, d.n_invalid, seed, start + r)
+            for r, (d, bits_hex) in enumerate(model.family.decode(out, model.text))]
+
+
+def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig | None = None, *,
+             temperature: float | None = None, top_p: float | None = None, flag=None,
+             progress: bool = True) -> list[Sample]:
+    """Draw ``num`` samples in micro-batches of ``sampler.batch_size``.
+
+    Micro-batch k uses ``fold_in(key(seed), k)``, so the first n samples do not depend on ``num``.
+    ``flag`` (a PreemptionFlag) is polled between micro-batches; when set, the samples drawn so
+    far are returned.
+    """
+    import jax
+
+    if num < 1:
+        raise SampleError(f"--num must be >= 1, got {num}")
+    sampler_cfg = sampler_cfg or model.cfg.sampler
+    temperature, top_p = sampling_options(model, temperature, top_p)
+    batch = sampler_cfg.batch_size
+    draw = model.family.draw(model, sampler_cfg, temperature=temperature, top_p=top_p)
+    root = jax.random.key(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, unit="sample", desc="sampling", leave=False, dynamic_ncols=True)
+    samples: list[Sample] = []
+    try:
+        for k in range(-(-num // batch)):
+            if flag is not None and flag.requested:
+                break
+            out = np.asarray(jax.device_get(draw(model.params, jax.random.fold_in(root, k), batch)))
+            samples.extend(decode_samples(model, out, seed=seed, start=k * batch)[: num - len(samples)])
+            if bar is not None:
+                bar.update(min(batch, num - k * batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return samples
+
+
+def write_samples(samples: list[Sample], out: Path, settings: dict[str, Any]) -> Path:
+    """Write ``out`` (text blocks) and ``out`` with suffix .jsonl; returns the JSONL path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(f"=== {s.index} ===\n{s.text}\n" for s in samples))
+    jsonl = out.with_suffix(".jsonl")
+    with jsonl.open("w") as f:
+        for s in samples:
+            f.write(json.dumps({"index": s.index, "text": s.text, "ids": list(s.ids), "bits": s.bits_hex,
+                                "n_invalid": s.n_invalid, "seed": s.seed, "settings": settings}) + "\n")
+    return jsonl
