@@ -1,5 +1,5 @@
 """Structure of the ``bitgen`` package, read from its source (nothing is imported): no import
-cycles, the layering rules of docs/DESIGN.md, and a size limit per module.
+cycles, the layering rules of the design (DESIGN.md), and a size limit per module.
 
 Every ``import bitgen.x`` / ``from bitgen.x import y`` counts, wherever it stands (module level,
 inside a function, under ``if``). ``from bitgen.pkg import name`` points at ``bitgen.pkg.name``
@@ -114,6 +114,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _shortest_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """A shortest cycle inside ``component`` through its first module by name (breadth-first)."""
     start = min(component)
     paths = {start: [start]}
     frontier = [start]
