@@ -6,7 +6,7 @@ Orbax commits a step atomically (``commit_success.txt``); unfinished steps are n
 
 * Saves are asynchronous (the device->host copy blocks, the write happens in the background) and
   happen on a fixed interval, on a TPU preemption notice, or when forced (SIGTERM/SIGINT via
-  ``PreemptionFlag``). The last ``keep`` steps are kept, and with ``keep_every`` also every step
+  ``bitgen.preemption.PreemptionFlag``). The last ``keep`` steps are kept, and with ``keep_every`` also every step
   that is a multiple of it.
 * Every save stores a content checksum per array in ``meta/`` (``bitgen.checksum``); a restore
   recomputes them and refuses a step whose arrays differ or hold NaN/Inf, like any other damage.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +39,7 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 from bitgen import checksum
 from bitgen.config import ConfigError, ExperimentConfig, config_diff, from_dict
 from bitgen.errors import BitgenError, one_line
+from bitgen.preemption import PreemptionFlag as PreemptionFlag  # re-exported for existing callers
 
 log = logging.getLogger(__name__)
 
@@ -64,51 +63,6 @@ class IncompatibleCheckpointError(CheckpointError):
 
 class DamagedCheckpointError(CheckpointError):
     """A step cannot be read, fails its checksums, holds NaN/Inf or is inconsistent."""
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGINT; loops poll ``requested`` at safe points and save before exiting.
-
-    Poll it at step boundaries *and* inside long inner loops (evaluation, sampling), so a job
-    scheduler's grace period is not spent waiting for a loop to finish. Handlers are installed
-    only from the main thread and restored by ``uninstall``.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = signals
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        self.signum = signum
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signum = signum
-        log.warning("received %s: will checkpoint and stop at the next safe point",
-                    signal.Signals(signum).name)
-
-    def install(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> PreemptionFlag:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
 
 
 @dataclasses.dataclass

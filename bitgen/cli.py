@@ -3,6 +3,16 @@
 Each entry of ``COMMANDS`` names a module that defines ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules are imported only when their command runs, so ``bitgen --help``
 stays fast and JAX starts only when needed.
+
+Exit status, the same for every command:
+
+* 0: success.
+* 2: bad input, a usage error or a refused request. bitgen's errors (``bitgen.errors.BitgenError``)
+  are printed as one line naming the problem and the fix (``BITGEN_TRACEBACK=1`` shows the
+  traceback); argparse usage errors print the usage and the error.
+* 128 + N: stopped by signal N (SIGTERM: 143, SIGINT: 130) at a safe point after saving what was
+  done; re-running the same command continues.
+* 1: any other exception. That is a bug, reported with Python's traceback.
 """
 
 from __future__ import annotations
@@ -66,15 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     try:
         return int(module.run(args) or 0)
-    except Exception as err:
-        # bitgen's own errors (BitgenError, and the older per-module classes defined in bitgen)
-        # carry a message naming the problem and the fix; print it as one line without a
-        # traceback (BITGEN_TRACEBACK=1 shows it). Anything else is a bug: re-raise.
-        ours = isinstance(err, BitgenError) or type(err).__module__.startswith("bitgen.")
-        if ours and not os.environ.get("BITGEN_TRACEBACK"):
-            print(f"bitgen {command}: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
-        raise
+    except BitgenError as err:
+        # The message names the problem and the fix; anything else is a bug and keeps its traceback.
+        if os.environ.get("BITGEN_TRACEBACK"):
+            raise
+        print(f"bitgen {command}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from tokenizers import (
 )
 
 from bitgen.errors import BitgenError
+from bitgen.files import write_atomic
 
 BPE_SPECIAL_TOKENS = ("<|endoftext|>",)
 # Separator / end-of-document tokens, in order of preference, for the packing rules of spec §1.
@@ -41,20 +41,6 @@ _PUA_LIMIT = 0xFFFFE  # last usable code point of plane 15 is U+FFFFD
 
 class TokenizerError(BitgenError, ValueError):
     """A tokenizer cannot be loaded or trained; the message names the problem and the fix."""
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so readers see either the old or the complete new content, never a prefix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

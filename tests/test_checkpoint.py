@@ -17,11 +17,11 @@ from bitgen.checkpoint import (
     Checkpointer,
     CheckpointError,
     IncompatibleCheckpointError,
-    PreemptionFlag,
     restore_params,
 )
 from bitgen.config import MeshConfig, ModelConfig, to_dict
 from bitgen.parallel import make_mesh
+from bitgen.preemption import PreemptionFlag
 from bitgen.train.optim import make_optimizer
 from bitgen.train.state import create_train_state, make_init_fn, state_layout
 from bitgen.train.step import jit_train_step, make_train_step

@@ -190,6 +190,19 @@ def test_sample_cli_errors_name_the_fix(cobit_run, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_eval_cli_refuses_a_bad_sweep_and_a_bad_evaluator_in_one_line(cobit_run, tmp_path, capsys):
+    run = ["eval", "--run-dir", str(cobit_run), "--out-dir", str(tmp_path / "eval"), "--num", "1"]
+    assert cli.main([*run, "--evaluator", "none", "--sweep", "gamma"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key=v1,v2" in err
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2_dir.mkdir()
+    (gpt2_dir / "config.json").write_text("{}")
+    assert cli.main([*run, "--evaluator", f"gpt2:{gpt2_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json lacks the GPT-2 fields" in err
+
+
 def test_ar_run_samples_and_rejects_a_cobit_run_as_evaluator(ar_run, cobit_run):
     from bitgen.generation import generate
 

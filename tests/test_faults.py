@@ -278,6 +278,42 @@ def test_sample_reads_a_chosen_step_and_skips_a_damaged_newest_one(full, tmp_pat
     assert err.count("\n") == 1 and "--step" in err
 
 
+# -- exit status (bitgen.cli docstring): 0 done, 2 refused, 128+N signal, traceback for a bug --------
+
+def test_exit_status_policy(full, tmp_path, monkeypatch):
+    from bitgen.data import cli as data_cli
+    from bitgen.preemption import PreemptionFlag
+
+    with pytest.raises(SystemExit) as usage:
+        main(["train", "--no-progress"])  # --config missing
+    assert usage.value.code == 2
+    # SIGTERM arrives as the flag is installed: the command saves what it has and exits 128 + 15.
+    monkeypatch.setattr(PreemptionFlag, "install", lambda self: (self.request(signal.SIGTERM), self)[1])
+    out = tmp_path / "s.txt"
+    assert main(["sample", "--run-dir", str(full), "--num", "1", "--out", str(out), "--no-progress"]) == 143
+    assert out.exists()
+    monkeypatch.setattr(data_cli, "run", lambda args: 1 / 0)  # not a BitgenError: a bug
+    with pytest.raises(ZeroDivisionError):
+        main(["data", "--no-progress"])
+
+
+def test_every_error_class_bitgen_defines_is_a_bitgen_error():
+    # bitgen.cli recognises bitgen's errors by isinstance(err, BitgenError) alone.
+    import ast
+    import importlib
+
+    from bitgen.errors import BitgenError
+
+    classes = []
+    for path in sorted((REPO / "bitgen").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith(("Error", "Exception")):
+                module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                classes.append(getattr(importlib.import_module(module), node.name))
+    assert len(classes) >= 15 and BitgenError in classes
+    assert [c.__qualname__ for c in classes if not issubclass(c, BitgenError)] == []
+
+
 # -- one-line reports ----------------------------------------------------------------------------
 
 def test_library_errors_are_cut_to_one_line_with_their_root_cause():

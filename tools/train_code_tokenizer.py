@@ -43,7 +43,9 @@ def _windows_from_config(args: argparse.Namespace) -> tuple[np.ndarray, int, int
 def _windows_from_file(args: argparse.Namespace) -> tuple[np.ndarray, int, int | None]:
     windows = np.load(args.windows, mmap_mode="r")
     if windows.ndim != 2:
-        raise SystemExit(f"error: {args.windows} must hold a 2-D [N, L] array of base ids, got shape {windows.shape}")
+        print(f"error: {args.windows} must hold a 2-D [N, L] array of base ids, got shape {windows.shape}",
+              file=sys.stderr)
+        raise SystemExit(2)  # bad input: the exit status of bitgen.cli
     base_vocab = args.base_vocab_size or int(windows.max()) + 1
     return windows, base_vocab, args.eos_id
 

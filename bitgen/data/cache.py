@@ -18,14 +18,13 @@ import json
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bitgen.tokenizers import write_atomic
+from bitgen.files import atomic_output, write_atomic
 
 CACHE_FORMAT_VERSION = 2
 ROWS_FILE = "rows.bin"
@@ -116,22 +115,17 @@ def write_cached_rows(path: Path, fingerprint: dict, row_batches: Iterable[np.nd
     """
     path.mkdir(parents=True, exist_ok=True)
     remove_orphaned_tmp_files(path.parent)  # also entries built with settings no longer in use
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=_tmp_prefix(), suffix=".tmp")
     n_rows = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for batch in row_batches:
-                batch = np.asarray(batch)
-                if batch.size and (batch.min() < 0 or batch.max() > np.iinfo(dtype).max):
-                    raise ValueError(f"token ids do not fit the cache dtype {np.dtype(dtype).name}")
-                f.write(np.ascontiguousarray(batch, dtype=dtype).tobytes())
-                n_rows += batch.shape[0]
-        # Drop the old sidecar first: old sidecar + new rows must never look like a valid cache.
+    with atomic_output(path / ROWS_FILE, tmp_prefix=_tmp_prefix()) as f:
+        for batch in row_batches:
+            batch = np.asarray(batch)
+            if batch.size and (batch.min() < 0 or batch.max() > np.iinfo(dtype).max):
+                raise ValueError(f"token ids do not fit the cache dtype {np.dtype(dtype).name}")
+            f.write(np.ascontiguousarray(batch, dtype=dtype).tobytes())
+            n_rows += batch.shape[0]
+        # Drop the old sidecar before the new rows replace the old ones: old sidecar + new rows
+        # must never look like a valid cache.
         (path / META_FILE).unlink(missing_ok=True)
-        os.replace(tmp, path / ROWS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {
         "fingerprint": _normalised(fingerprint),
         "shape": [n_rows, seq_tokens],

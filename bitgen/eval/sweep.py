@@ -65,20 +65,20 @@ def parse_sweep(spec: str) -> list[list[str]]:
     """
     if ";" in spec:
         return [p for part in spec.split(";") for p in parse_sweep(part)]
-    from bitgen.config import SamplerConfig
+    from bitgen.config import ConfigError, SamplerConfig
 
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     axes: list[list[str]] = []
     for item in spec.split():
         if "=" not in item:
-            raise ValueError(f"sweep item {item!r} must look like key=v1,v2 (e.g. gamma=0,0.1,0.2)")
+            raise ConfigError(f"sweep item {item!r} must look like key=v1,v2 (e.g. gamma=0,0.1,0.2)")
         key, values = item.split("=", 1)
         key = key.removeprefix("sampler.")
         if key not in fields:
-            raise ValueError(f"sweep key {key!r} is not a sampler field; valid: {sorted(fields)}")
+            raise ConfigError(f"sweep key {key!r} is not a sampler field; valid: {sorted(fields)}")
         options = [v for v in values.split(",") if v]
         if not options:
-            raise ValueError(f"sweep key {key!r} has no values")
+            raise ConfigError(f"sweep key {key!r} has no values")
         axes.append([f"sampler.{key}={v.replace(':', ',')}" for v in options])
     return [list(combo) for combo in itertools.product(*axes)]
 
@@ -224,7 +224,7 @@ def load_evaluator(spec: str, dtype: str = "auto") -> Evaluator:
         try:
             params, cfg = gpt2.load_gpt2(model_dir, compute_dtype=dtype)
             encode = gpt2.load_gpt2_encoder(model_dir)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ImportError, ValueError) as err:  # missing or wrong files
             raise SampleError(f"evaluator {spec!r}: {err}") from err
         if dtype == "bfloat16":
             params = jax.tree.map(lambda p: p.astype(jax.numpy.bfloat16), params)
