@@ -8,12 +8,9 @@ reading a config does not import model code.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitgen.errors import BitgenError
-
-if TYPE_CHECKING:
-    from bitgen.families.base import Family
 
 # name -> module defining FAMILY
 _MODULES = {
@@ -31,13 +28,13 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def get(name: str) -> Family:
-    """The registered family ``name``."""
+def get(name: str) -> Any:
+    """The registered family ``name`` (a ``bitgen.families.base.Family``)."""
     if name not in _MODULES:
         raise UnknownFamilyError(f"task={name!r} is not a registered model family; known: {names()}")
     return importlib.import_module(_MODULES[name]).FAMILY
 
 
-def family_of(cfg: Any) -> Family:
+def family_of(cfg: Any) -> Any:
     """The family of an ``ExperimentConfig``."""
     return get(cfg.task)
