@@ -25,26 +25,38 @@ def _kernel_rows(path: tuple[str, ...], cfg: ModelConfig) -> int:
     return cfg.seq_tokens
 
 
+def dense_layers(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """``(fan_in, fan_out, rows per sequence)`` of every Dense kernel of the SDT."""
+    from bitgen.diffusion.denoiser import param_shapes
+
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    paths = ((tuple(k.key for k in key_path), leaf) for key_path, leaf in flat)
+    return [(*leaf.shape, _kernel_rows(path, cfg)) for path, leaf in paths if path[-1] == "kernel"]
+
+
 def forward_flops(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs of one SDT forward for ONE sequence, counting matmuls only (2 FLOPs per MAC).
 
     ``dense``: Σ over Dense kernels of 2·fan_in·fan_out·rows (rows per ``_kernel_rows``);
     ``attention``: 2 batched matmuls per block (QKᵀ and PV), 2·2·T²·E per block.
     Elementwise work (norms, SiLU, softmax, RoPE, the matched filter) is not counted, as in the
-    usual MFU convention.
+    usual MFU convention; ``activation_elements`` bounds it.
     """
-    from bitgen.diffusion.denoiser import param_shapes
-
-    dense_flops = 0.0
-    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
-    for key_path, leaf in flat:
-        path = tuple(k.key for k in key_path)
-        if path[-1] != "kernel":
-            continue
-        fan_in, fan_out = leaf.shape
-        dense_flops += 2.0 * fan_in * fan_out * _kernel_rows(path, cfg)
+    dense_flops = sum(2.0 * fan_in * fan_out * rows for fan_in, fan_out, rows in dense_layers(cfg))
     attention = cfg.n_blocks * 4.0 * cfg.seq_tokens**2 * cfg.embed_dim
     return {"dense": dense_flops, "attention": attention, "total": dense_flops + attention}
+
+
+def activation_elements(cfg: ModelConfig) -> int:
+    """Elements the matmuls of one SDT forward (ONE sequence) produce: Σ fan_out·rows over the
+    Dense kernels plus the H·T² attention scores of every block.
+
+    Every elementwise op ``forward_flops`` leaves out (bias, norm, modulation, gate, residual,
+    RoPE, softmax, SiLU) reads a tensor no larger than one of these outputs, so the omitted work
+    is at most a fixed number of ops per element (see tests/test_bench.py).
+    """
+    dense = sum(fan_out * rows for _, fan_out, rows in dense_layers(cfg))
+    return dense + cfg.n_blocks * cfg.n_heads * cfg.seq_tokens**2
 
 
 def train_step_flops(cfg: ModelConfig, batch: int, *, self_conditioning: bool) -> float:
@@ -57,7 +69,6 @@ def train_step_flops(cfg: ModelConfig, batch: int, *, self_conditioning: bool) -
     """
     passes = 3 + (1 if self_conditioning else 0)
     return passes * batch * forward_flops(cfg)["total"]
-
 
 
 def head_flops(cfg: ModelConfig, vocab: int, batch: int) -> dict[str, float]:

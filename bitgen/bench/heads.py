@@ -23,9 +23,11 @@ DEFAULT_HEAD_CHUNK_TOKENS = 128  # bit head chunk (tokens) in the head compariso
 
 
 class BitHead(nn.Module):
-    """The SDT's output path after the trunk: un-patch projection + per-bit head -> f_θ [B, S].
-
-    Same submodules and shapes as ``bitgen.nn.sdt.SDT`` steps 6-7.
+    """The SDT's output path after its trunk, steps 6-7 of ``bitgen.nn.sdt.SDT``: the un-patch
+    projection, then the real per-bit head (``OptimalSkipMLPHead`` through ``apply_head``, chunked
+    when ``cfg.head_chunk_tokens``) -> f_θ [B, S] float32. Parameter names and shapes are the
+    SDT's (``unpatch_proj_content``, ``head``); tests/test_bench.py checks it reproduces the SDT's
+    f_θ. (SDT inlines these steps in ``__call__``; the wiring here is the part it does not expose.)
     """
 
     cfg: ModelConfig
