@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("bitgen.eval.sample_cli", "draw samples from a trained run (CoBit or AR) to text + JSONL"),
     "eval": ("bitgen.eval.cli", "sweep samplers x NFE x gamma: GenPPL/entropy table, CSV and frontier plot"),
     "demo": ("bitgen.demo", "train CoBit, AR and an evaluator on the embedded corpus and compare them"),
-    "bench": ("bitgen.bench", "measure throughput, sampler overhead and head memory"),
+    "bench": ("bitgen.bench.cli", "measure throughput, sampler overhead and head memory"),
 }
 
 

@@ -22,9 +22,6 @@ from bitgen.checkpoint import (
 from bitgen.config import MeshConfig, ModelConfig, to_dict
 from bitgen.parallel import make_mesh
 from bitgen.preemption import PreemptionFlag
-from bitgen.train.optim import make_optimizer
-from bitgen.train.state import create_train_state, make_init_fn, state_layout
-from bitgen.train.step import jit_train_step, make_train_step
 
 
 class Setup:
@@ -33,14 +30,12 @@ class Setup:
     def __init__(self, mesh_cfg: MeshConfig, config=None):
         self.cfg = config or si.config(mesh=mesh_cfg)
         self.mesh = make_mesh(self.cfg.mesh)
-        self.tx = make_optimizer(self.cfg.optim, self.cfg.train.steps)
-        self.init_fn = make_init_fn(0, self.tx, si.init_params, si.init_schedule)
-        self.shardings, self.abstract = state_layout(self.mesh, self.init_fn, si.PARAM_AXES, self.tx)
-        self.step = jit_train_step(make_train_step(self.cfg, self.tx, si.step_fns(), self.mesh),
-                                   self.mesh, self.shardings)
+        self.program = si.program(self.cfg, self.mesh)
+        self.shardings, self.abstract = self.program.shardings, self.program.abstract
+        self.step = self.program.step_fn
 
     def fresh(self):
-        return create_train_state(self.init_fn, self.shardings)
+        return self.program.init_state()
 
     def train(self, state, start, stop, ckpt=None):
         losses = []

@@ -95,17 +95,19 @@ def test_non_dividing_chunk_is_rejected():
 
 
 def test_bench_bit_path_chunked_matches_and_uses_less_memory():
-    from bitgen import bench
+    from bitgen.bench.heads import head_chunk, head_programs, head_train_fn
+    from bitgen.bench.programs import trunk_config
+    from bitgen.bench.timing import compiled_memory
 
-    trunk = bench.trunk_config("tiny", dtype="float32")
-    cfg, programs = bench.head_programs(trunk, seq_tokens=64, vocab=512, batch=1, chunk_tokens=8)
+    trunk = trunk_config("tiny", dtype="float32")
+    cfg, programs = head_programs(trunk, seq_tokens=64, vocab=512, batch=1, chunk_tokens=8)
     assert cfg.head_chunk_tokens == 8 and set(programs) == {"bit", "bit_unchunked", "token"}
     (chunked, args), (unchunked, same_args) = programs["bit"], programs["bit_unchunked"]
     assert same_args is args
     np.testing.assert_allclose(float(jax.jit(chunked)(*args)), float(jax.jit(unchunked)(*args)),
                                rtol=1e-6)
-    chunked_mem = bench.compiled_memory(bench.head_train_fn(chunked), args)
-    unchunked_mem = bench.compiled_memory(bench.head_train_fn(unchunked), args)
+    chunked_mem = compiled_memory(head_train_fn(chunked), args)
+    unchunked_mem = compiled_memory(head_train_fn(unchunked), args)
     assert chunked_mem["temp_bytes"] < unchunked_mem["temp_bytes"]
-    assert bench.head_chunk(128, 4096) == 128 and bench.head_chunk(128, 96) == 32
-    assert bench.head_chunk(0, 4096) == 0
+    assert head_chunk(128, 4096) == 128 and head_chunk(128, 96) == 32
+    assert head_chunk(0, 4096) == 0

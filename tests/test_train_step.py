@@ -13,19 +13,13 @@ import train_standins as si
 
 from bitgen.config import MeshConfig, OptimConfig
 from bitgen.parallel import make_mesh
-from bitgen.train.optim import ema_update, learning_rate_schedule, make_optimizer
-from bitgen.train.state import create_train_state, make_init_fn, state_layout
-from bitgen.train.step import jit_train_step, make_train_step
+from bitgen.train.optim import ema_update, learning_rate_schedule
 
 
 def run(cfg, *, n_steps=3, devices=None, fns=None, batches=None):
     """Train ``n_steps`` on ``cfg.mesh``; return (losses, final state on host)."""
-    mesh = make_mesh(cfg.mesh, devices)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init_fn = make_init_fn(cfg.train.seed, tx, si.init_params, si.init_schedule)
-    shardings, _ = state_layout(mesh, init_fn, si.PARAM_AXES, tx)
-    state = create_train_state(init_fn, shardings)
-    step = jit_train_step(make_train_step(cfg, tx, fns or si.step_fns(), mesh), mesh, shardings)
+    program = si.program(cfg, make_mesh(cfg.mesh, devices), fns)
+    state, step = program.init_state(), program.step_fn
     losses = []
     for k in range(n_steps):
         bits = batches[k] if batches is not None else si.batch_bits(k, cfg.data.batch_size)
@@ -60,11 +54,9 @@ def test_sharded_step_matches_single_device(mesh_cfg, single_device_run):
 
 def test_params_are_laid_out_by_the_rules():
     cfg = si.config(mesh=MeshConfig(data=2, fsdp=2, tensor=2))
-    mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init_fn = make_init_fn(0, tx, si.init_params, si.init_schedule)
-    shardings, abstract = state_layout(mesh, init_fn, si.PARAM_AXES, tx)
-    state = create_train_state(init_fn, shardings)
+    program = si.program(cfg, make_mesh(cfg.mesh))
+    shardings, abstract = program.shardings, program.abstract
+    state = program.init_state()
     assert state.params["w_mid"].sharding.spec == jax.P("fsdp", "tensor")
     assert state.ema_params["w_in"].sharding.spec == jax.P(None, "fsdp")
     adam_mu = state.opt_state[1][0].mu
@@ -96,20 +88,15 @@ def test_gradient_accumulation_equals_large_batch():
 
 def test_non_finite_loss_keeps_the_previous_state():
     cfg = si.config(mesh=MeshConfig(data=8))
-    mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init_fn = make_init_fn(0, tx, si.init_params, si.init_schedule)
-    shardings, _ = state_layout(mesh, init_fn, si.PARAM_AXES, tx)
-    state = create_train_state(init_fn, shardings)
-    before = jax.device_get(state)
 
     def nan_loss(params, bits, sigma, key):
         value, aux = si.loss(params, bits, sigma, key)
         return value * jnp.nan, aux
 
-    fns = dataclasses.replace(si.step_fns(), loss=nan_loss)
-    step = jit_train_step(make_train_step(cfg, tx, fns, mesh), mesh, shardings)
-    state, metrics = step(state, {"bits": si.batch_bits(0)})
+    program = si.program(cfg, make_mesh(cfg.mesh), dataclasses.replace(si.step_fns(), loss=nan_loss))
+    state = program.init_state()
+    before = jax.device_get(state)
+    state, metrics = program.step_fn(state, {"bits": si.batch_bits(0)})
     assert not bool(metrics["finite"])
     after = jax.device_get(state)
     for a, b in zip(jax.tree.leaves(after.replace(rng=None)), jax.tree.leaves(before.replace(rng=None))):

@@ -16,6 +16,7 @@ from bitgen.config import (
     OptimConfig,
     TrainConfig,
 )
+from bitgen.train.program import TrainProgram, assemble_train_program
 from bitgen.train.step import StepFns
 
 SEQ_BITS = 24
@@ -77,6 +78,12 @@ def step_fns(noisy: bool = True) -> StepFns:
         draw_cond=draw_sigma,
         update_schedule=update_schedule,
     )
+
+
+def program(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, fns: StepFns | None = None) -> TrainProgram:
+    """The compiled train program of the stand-in task (``fns`` replaces its step pieces)."""
+    return assemble_train_program(cfg, mesh, init_params=init_params, param_axes=PARAM_AXES,
+                                  init_schedule=init_schedule, step_fns=fns or step_fns())
 
 
 def config(*, steps: int = 20, grad_accum: int = 1, batch: int = 16, mesh: MeshConfig = MeshConfig()) -> ExperimentConfig:

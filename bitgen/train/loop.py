@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -42,16 +41,9 @@ from bitgen.checkpoint import (
 from bitgen.config import ConfigError, ExperimentConfig, to_dict
 from bitgen.errors import BitgenError
 from bitgen.runlock import RunLock, RunLockedError
-from bitgen.train.optim import make_optimizer
-from bitgen.train.state import (
-    TrainState,
-    create_train_state,
-    make_init_fn,
-    state_layout,
-)
-from bitgen.train.step import jit_train_step, make_train_step
 from bitgen.families import family_of
-from bitgen.train.task import build_task
+from bitgen.train.program import build_train_program
+from bitgen.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -190,30 +182,6 @@ def _metadata(cfg: ExperimentConfig, mesh, step: int, vocab_size: int) -> dict[s
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Program:
-    """The compiled pieces of one (config, mesh, vocabulary): built once per process."""
-
-    tx: Any
-    init_fn: Any
-    shardings: TrainState
-    abstract: TrainState
-    step_fn: Any
-    input_key: str
-
-
-@functools.lru_cache(maxsize=4)
-def _program(cfg: ExperimentConfig, mesh, vocab_size: int) -> _Program:
-    # Cached so that a second train() in the same process (a resume, a test, a demo running
-    # several configs) reuses the jitted init/step and their compilations.
-    task = build_task(cfg, vocab_size)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init_fn = make_init_fn(cfg.train.seed, tx, task.init_params, task.init_schedule)
-    shardings, abstract = state_layout(mesh, init_fn, task.param_axes, tx)
-    step_fn = jit_train_step(make_train_step(cfg, tx, task.step_fns, mesh), mesh, shardings)
-    return _Program(tx, init_fn, shardings, abstract, step_fn, task.step_fns.input_key)
-
-
 @contextlib.contextmanager
 def _run_lock(run_dir: Path):
     """Hold the run directory's lock (process 0 takes it; every process stops when it cannot)."""
@@ -311,7 +279,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
     )
 
     vocab_size = rows.codec.vocab_size
-    program = _program(cfg, mesh, vocab_size)
+    program = build_train_program(cfg, mesh, vocab_size)
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.ckpt_every,
                         keep=cfg.train.keep_checkpoints, keep_every=cfg.train.keep_every)
     data_iter = make_batch_iterator(dataset)
@@ -330,7 +298,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
         elif resume_from is not None:
             raise CheckpointError(f"--resume-from {resume_from}: {ckpt.directory} holds no checkpoint")
         else:
-            state, start = create_train_state(program.init_fn, program.shardings), 0
+            state, start = program.init_state(), 0
     except BaseException:
         ckpt.close()
         raise

@@ -1,0 +1,82 @@
+"""The analytic FLOP model: matmul FLOPs (2 per MAC) of the SDT forward, a train step and the
+head comparison's heads. Elementwise work is not counted (the usual MFU convention)."""
+
+from __future__ import annotations
+
+import jax
+
+from bitgen.config import ModelConfig
+
+
+def _kernel_rows(path: tuple[str, ...], cfg: ModelConfig) -> int:
+    """How many rows per sequence a Dense kernel is applied to in one SDT forward.
+
+    adaLN modulations and the σ embedding act once per sequence; the shared Linear(1→C) acts on
+    both input channels of every bit; the head's input adapter and mixer act per bit; everything
+    else (patch projection, trunk, un-patch, the head's patch adapter) acts per token.
+    """
+    module = path[-2]
+    if any(part.startswith("adaln") for part in path) or module.startswith("time_"):
+        return 1
+    if module == "cont_input_proj":
+        return 2 * cfg.seq_bits
+    if path[0] == "head" and module in ("input_adapter", "mixer_0", "mixer_3"):
+        return cfg.seq_bits
+    return cfg.seq_tokens
+
+
+def dense_layers(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """``(fan_in, fan_out, rows per sequence)`` of every Dense kernel of the SDT."""
+    from bitgen.diffusion.denoiser import param_shapes
+
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    paths = ((tuple(k.key for k in key_path), leaf) for key_path, leaf in flat)
+    return [(*leaf.shape, _kernel_rows(path, cfg)) for path, leaf in paths if path[-1] == "kernel"]
+
+
+def forward_flops(cfg: ModelConfig) -> dict[str, float]:
+    """FLOPs of one SDT forward for ONE sequence, counting matmuls only (2 FLOPs per MAC).
+
+    ``dense``: Σ over Dense kernels of 2·fan_in·fan_out·rows (rows per ``_kernel_rows``);
+    ``attention``: 2 batched matmuls per block (QKᵀ and PV), 2·2·T²·E per block.
+    Elementwise work (norms, SiLU, softmax, RoPE, the matched filter) is not counted, as in the
+    usual MFU convention; ``activation_elements`` bounds it.
+    """
+    dense_flops = sum(2.0 * fan_in * fan_out * rows for fan_in, fan_out, rows in dense_layers(cfg))
+    attention = cfg.n_blocks * 4.0 * cfg.seq_tokens**2 * cfg.embed_dim
+    return {"dense": dense_flops, "attention": attention, "total": dense_flops + attention}
+
+
+def activation_elements(cfg: ModelConfig) -> int:
+    """Elements the matmuls of one SDT forward (ONE sequence) produce: Σ fan_out·rows over the
+    Dense kernels plus the H·T² attention scores of every block.
+
+    Every elementwise op ``forward_flops`` leaves out (bias, norm, modulation, gate, residual,
+    RoPE, softmax, SiLU) reads a tensor no larger than one of these outputs, so the omitted work
+    is at most a fixed number of ops per element (see tests/test_bench.py).
+    """
+    dense = sum(fan_out * rows for _, fan_out, rows in dense_layers(cfg))
+    return dense + cfg.n_blocks * cfg.n_heads * cfg.seq_tokens**2
+
+
+def train_step_flops(cfg: ModelConfig, batch: int, *, self_conditioning: bool) -> float:
+    """Model FLOPs of one training step: (3 + sc)·batch·forward_flops.
+
+    Forward + backward = 3× the forward (the backward computes gradients w.r.t. both activations
+    and weights: 2× forward). With self-conditioning the step runs one extra gradient-free forward
+    over the whole batch (rows not selected are masked afterwards, but still computed). Remat
+    recomputation and the optimizer update are not model FLOPs and are not counted.
+    """
+    passes = 3 + (1 if self_conditioning else 0)
+    return passes * batch * forward_flops(cfg)["total"]
+
+
+def head_flops(cfg: ModelConfig, vocab: int, batch: int) -> dict[str, float]:
+    """Forward+backward matmul FLOPs (3× forward) of each head; used to budget timing runs."""
+    t, e, p = cfg.seq_tokens, cfg.embed_dim, cfg.patch_size
+    c, h = cfg.content_dim, cfg.head_hidden
+    bit_per_seq = 2 * t * e * p * (c + h) + 2 * cfg.seq_bits * (3 * c * h + h * h + h)
+    # Chunking recomputes the head's forward in the backward pass: extra work, not model FLOPs.
+    return {"bit": 3.0 * batch * bit_per_seq, "bit_unchunked": 3.0 * batch * bit_per_seq,
+            "token": 3.0 * batch * 2 * t * e * vocab}
+
