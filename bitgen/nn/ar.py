@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitgen.eval.metrics import windowed_sequence_nll
+from bitgen.nn.nll import windowed_sequence_nll
 from bitgen.nn.layers import SwiGLU, apply_rope, constrain, dense, layer_norm, normal_002
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from bitgen.eval.metrics import windowed_sequence_nll
+from bitgen.nn.nll import windowed_sequence_nll
 from bitgen.nn.layers import dense
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
