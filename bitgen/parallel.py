@@ -4,14 +4,14 @@ Model code names *logical* axes (``embed``, ``mlp``, ``heads``, ...); this modul
 the mesh axes ``data``, ``fsdp`` and ``tensor`` (``LOGICAL_RULES``). Batches are split over
 ``data`` x ``fsdp``; weights over ``fsdp`` (ZeRO-3 style) and ``tensor`` (Megatron style).
 
-Axis types: the mesh is built with ``AxisType.Auto`` (jax 0.10 defaults to ``Explicit``). Only the
-jit boundary carries shardings (params/optimizer/EMA from the rules, the batch on
-``data``x``fsdp``), plus the model's activation constraints (``bitgen.nn.layers.constrain``, e.g.
-the trunk tokens [batch, seq, embed]), which act while ``activation_mesh(mesh)`` is in context;
-the train step is traced under it (``with_activation_mesh``). Everything else inside the model is
-left to the compiler's sharding propagation. Explicit mode would force every ambiguous op in the model, loss and samplers to name an
-``out_sharding`` and to run under ``jax.set_mesh``, coupling numerical code to the mesh — the
-opposite of the one-rules-table design.
+Axis types: the mesh is built with ``AxisType.Auto`` (jax 0.10 defaults to ``Explicit``). Shardings
+are fixed at the jit boundary (params/optimizer/EMA from the rules, the batch on ``data``x``fsdp``)
+and by the model's activation constraints (``bitgen.nn.layers.constrain``, e.g. the trunk tokens
+[batch, seq, embed]), which act while ``activation_mesh(mesh)`` is in context: the train step is
+traced under it (``with_activation_mesh``), and so is training-time sampling. Everything else
+inside the model is left to the compiler's sharding propagation. Explicit mode would force every
+ambiguous op in the model, loss and samplers to name an ``out_sharding`` and to run under
+``jax.set_mesh``, coupling numerical code to the mesh — the opposite of the one-rules-table design.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """GPT-2 family causal LM (inference only) and loading of Hugging Face GPT-2 checkpoints.
 
 GPT-2 Large is the GenPPL evaluator of cobit-spec §6.1. The architecture is HF ``GPT2LMHeadModel``:
-learned absolute positions, pre-LayerNorm blocks, fused qkv, GELU (tanh approximation) MLP, final
-LayerNorm and an LM head tied to the token embedding. HF stores its ``Conv1D`` weights as
-[in, out], which is exactly a Flax Dense kernel, so loading is a renaming, not a transpose.
+learned absolute positions (added to the embeddings, outside attention), pre-LayerNorm blocks,
+``bitgen.nn.attention.Attention`` (causal, no RoPE, fused qkv ``c_attn``), GELU (tanh
+approximation) MLP, final LayerNorm and an LM head tied to the token embedding. HF stores its
+``Conv1D`` weights as [in, out], which is exactly a Flax Dense kernel, so loading is a renaming.
 
 Public API:
   GPT2Config, GPT2Config.from_hf(dict)

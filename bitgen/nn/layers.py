@@ -3,8 +3,8 @@ adaLN-Zero, SwiGLU and activation sharding constraints (attention and RoPE: ``bi
 
 Every parameter is declared with logical axis names (``embed``, ``mlp``, ``heads``, ``patch_in``,
 ``content``, ``head_hidden``, ``bits`` or ``None``) so one rules table can shard it; no module names a
-mesh axis. Parameters are float32; ``dtype`` is the activation (compute) dtype. Normalisation,
-softmax and RoPE tables are computed in float32 whatever the compute dtype.
+mesh axis. Parameters are float32; ``dtype`` is the activation (compute) dtype. Normalisation is
+computed in float32 whatever the compute dtype.
 
 Shape letters: B batch, T tokens (= patches), E width.
 """
