@@ -4,19 +4,23 @@ Model code names *logical* axes (``embed``, ``mlp``, ``heads``, ...); this modul
 the mesh axes ``data``, ``fsdp`` and ``tensor`` (``LOGICAL_RULES``). Batches are split over
 ``data`` x ``fsdp``; weights over ``fsdp`` (ZeRO-3 style) and ``tensor`` (Megatron style).
 
-Axis types: the mesh is built with ``AxisType.Auto`` (jax 0.10 defaults to ``Explicit``). Only the
-jit boundary carries shardings here (params/optimizer/EMA from the rules, the batch on
-``data``x``fsdp``); activations inside the model are left to the compiler's sharding propagation.
-Explicit mode would force every ambiguous op in the model, loss and samplers to name an
-``out_sharding`` and to run under ``jax.set_mesh``, coupling numerical code to the mesh — the
-opposite of the one-rules-table design.
+Axis types: the mesh is built with ``AxisType.Auto`` (jax 0.10 defaults to ``Explicit``). Shardings
+are fixed at the jit boundary (params/optimizer/EMA from the rules, the batch on ``data``x``fsdp``)
+and by the model's activation constraints (``bitgen.nn.layers.constrain``, e.g. the trunk tokens
+[batch, seq, embed]), which act while ``activation_mesh(mesh)`` is in context: the train step is
+traced under it (``with_activation_mesh``), and so is training-time sampling. Everything else
+inside the model is left to the compiler's sharding propagation. Explicit mode would force every
+ambiguous op in the model, loss and samplers to name an ``out_sharding`` and to run under
+``jax.set_mesh``, coupling numerical code to the mesh — the opposite of the one-rules-table design.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -158,6 +162,62 @@ def _map_with_axes(fn, abstract_tree, logical_axes):
     return jax.tree_util.tree_unflatten(
         treedef, [fn(path, leaf, tuple(axes)) for (path, leaf), axes in zip(leaves_with_path, axes_leaves)]
     )
+
+
+def activation_spec(
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    mesh_axis_sizes: Mapping[str, int],
+    rules: Mapping[str, MeshAxes] = LOGICAL_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an activation of ``shape`` named by ``logical_axes`` on a mesh.
+
+    Unlike parameters (``checked_sharding`` refuses), an activation dimension that a mesh axis
+    does not divide (e.g. a sampler batch of 1) is left replicated on that axis, and mesh axes
+    the mesh lacks are dropped: a constraint is a layout hint, never an error.
+    """
+    if len(logical_axes) != len(shape):
+        raise ShardingError(f"activation of shape {tuple(shape)} named by {len(logical_axes)} "
+                            f"logical axes {tuple(logical_axes)}; name every dimension")
+    out: list[MeshAxes] = []
+    for size, entry in zip(shape, logical_to_spec(logical_axes, rules)):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept: list[str] = []
+        for axis in axes:
+            n = mesh_axis_sizes.get(axis)
+            if n is not None and size % (math.prod(mesh_axis_sizes[a] for a in kept) * n) == 0:
+                kept.append(axis)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None) -> Iterator[None]:
+    """Context in which ``bitgen.nn.layers.constrain`` acts on ``mesh`` (None: no-op context).
+
+    Enters the mesh's *abstract* mesh, which is allowed inside a jit trace as well as around a
+    call: wrap the function being traced (see ``with_activation_mesh``) or the first call of a
+    jitted one (tracing happens then; jit keys its cache on the context mesh).
+    """
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
+
+
+def with_activation_mesh(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+    """``fn`` run under ``activation_mesh(mesh)``: the model's activation constraints act when it
+    is traced (jit it after wrapping). ``mesh=None`` returns ``fn`` unchanged."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def under_mesh(*args, **kwargs):
+        with activation_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return under_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -59,7 +59,7 @@ def test_kv_cache_decoding_equals_full_recompute(params, logits_fn, chunk):
     cache = ar.init_kv_cache(CFG, ids.shape[0], CFG.seq_len)
     got, start = [], 0
     for size in [chunk] + [1] * (CFG.seq_len - chunk):
-        logits, cache = decode(params, cache, ids[:, start : start + size], start)
+        logits, cache = decode(params, cache, ids[:, start : start + size])
         got.append(logits)
         start += size
     np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)), np.asarray(full), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from bitgen.diffusion.denoiser import (
     residual_logits,
     score,
 )
-from bitgen.nn.layers import Attention, apply_rope
+from bitgen.nn.attention import Attention, apply_rope
 from bitgen.parity import model as model_parity
 
 # The golden-vector model's sizes (P=5, T=6, E=32), with dropout on for the dropout tests.
@@ -188,13 +188,13 @@ def test_rope_scores_depend_only_on_relative_position(m, n, shift):
 
 
 def test_causal_attention_ignores_the_future():
-    attn = Attention(n_heads=2, causal=True)
+    attn = Attention(n_heads=2, block_size=1, implementation="xla")
     x = jax.random.normal(jax.random.key(0), (2, 7, 16))
     variables = attn.init(jax.random.key(1), x)
     changed = x.at[:, 4:].set(jax.random.normal(jax.random.key(2), (2, 3, 16)))
     for train in (False, True):  # both kernels: dot_product_attention and explicit softmax
         run = jax.jit(lambda v, train=train: attn.apply(variables, v, train=train,
-                                                        rngs={"dropout": jax.random.key(3)}))
+                                                        rngs={"dropout": jax.random.key(3)})[0])
         out, out_changed = run(x), run(changed)
         np.testing.assert_allclose(out[:, :4], out_changed[:, :4], rtol=1e-5, atol=1e-6)
         assert np.abs(np.asarray(out[:, 4:] - out_changed[:, 4:])).max() > 1e-3

@@ -1,9 +1,8 @@
 """Causal transformer LM over token ids: the autoregressive baseline and an in-house GenPPL evaluator.
 
-Built from the SDT's blocks (``bitgen.nn.layers``): affine-free pre-LayerNorm, fused-qkv attention
-with rotate-half RoPE, SwiGLU MLP; then a final norm and an untied LM head. The attention here adds
-what ``layers.Attention`` does not offer: a key/value cache written at a position offset, so one
-module serves full-sequence training/scoring and token-by-token decoding with identical numerics.
+Built from the SDT's blocks: affine-free pre-LayerNorm, ``bitgen.nn.attention.Attention`` (causal,
+rotate-half RoPE, optional KV cache), SwiGLU MLP; then a final norm and an untied LM head. The same
+modules serve full-sequence training/scoring and cached token-by-token decoding.
 
 Public API (params are plain pytrees; logical axes ``vocab``, ``embed``, ``heads``, ``mlp``):
   ARConfig
@@ -11,8 +10,8 @@ Public API (params are plain pytrees; logical axes ``vocab``, ``embed``, ``heads
   ar_logits(params, ids [B,T], *, cfg, key=None, train=False) -> logits [B,T,V] float32
   ar_loss(params, ids [B,T], key, *, cfg, train) -> (loss, aux)       # next-token CE
   sequence_nll(params, ids [B,T], mask [B,T], *, cfg) -> (nll_sum [B], n_scored [B])
-  init_kv_cache(cfg, batch, max_len) -> cache
-  ar_decode_step(params, cache, ids [B,C], offset, *, cfg) -> (logits [B,C,V], cache)
+  init_kv_cache(cfg, batch, max_len) -> cache   # n_blocks × attention.KVCache
+  ar_decode_step(params, cache, ids [B,C], *, cfg) -> (logits [B,C,V], cache)   # appends at cache length
   ar_sample(params, key, prompt [B,P], *, cfg, length, prompt_lengths=None, temperature=1.0,
             top_p=1.0) -> ids [B,length]
   sample_next_token(logits [B,V], key, *, temperature, top_p) -> ids [B]
@@ -22,15 +21,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from bitgen.eval.metrics import windowed_sequence_nll
-from bitgen.nn.layers import SwiGLU, apply_rope, constrain, dense, layer_norm, normal_002
+from bitgen.nn.nll import windowed_sequence_nll
+from bitgen.nn import attention
+from bitgen.nn.layers import SwiGLU, constrain, dense, layer_norm, normal_002
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,70 +68,35 @@ class ARConfig:
         return _DTYPES[self.compute_dtype]
 
 
-class LayerKV(NamedTuple):
-    """One block's cache: keys and values after RoPE, [B, L, heads, head_dim] in the compute dtype."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-KVCache = tuple[LayerKV, ...]  # one entry per block
-
-
-class _CausalAttention(nn.Module):
-    """Causal RoPE attention over this chunk, or over a KV cache that the chunk is written into.
-
-    Param names match ``layers.Attention`` (``qkv_proj``, ``out_proj``).
-    """
-
-    cfg: ARConfig
-
-    @nn.compact
-    def __call__(self, x_BxCxE, offset, kv: LayerKV | None):
-        cfg = self.cfg
-        batch, chunk, width = x_BxCxE.shape
-        qkv = dense(3 * width, ("embed", "heads"), name="qkv_proj", dtype=cfg.dtype)(x_BxCxE)
-        q, k, v = (t.reshape(batch, chunk, cfg.n_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
-        q_pos = offset + jnp.arange(chunk)
-        q = apply_rope(q, q_pos, cfg.rope_base)
-        k = apply_rope(k, q_pos, cfg.rope_base)
-        if kv is None:
-            keys, values, k_pos = k, v, q_pos
-        else:
-            start = (0, offset, 0, 0)
-            keys = jax.lax.dynamic_update_slice(kv.k, k.astype(kv.k.dtype), start)
-            values = jax.lax.dynamic_update_slice(kv.v, v.astype(kv.v.dtype), start)
-            kv = LayerKV(keys, values)
-            # Slots past the current position hold zeros or stale entries; the mask hides them.
-            k_pos = jnp.arange(keys.shape[1])
-        mask = k_pos[None, :] <= q_pos[:, None]  # [C, S]
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
-        out = dense(width, ("heads", "embed"), name="out_proj", dtype=cfg.dtype)(y.reshape(batch, chunk, width))
-        return out, kv
+KVCache = tuple[attention.KVCache, ...]  # one layer cache per block
 
 
 class _Block(nn.Module):
     cfg: ARConfig
 
     @nn.compact
-    def __call__(self, x_BxCxE, offset, kv: LayerKV | None, train: bool):
+    def __call__(self, x_BxCxE, cache: attention.KVCache | None, train: bool):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not train)
-        h, kv = _CausalAttention(cfg, name="attn")(layer_norm(x_BxCxE).astype(cfg.dtype), offset, kv)
+        h, cache = attention.Attention(cfg.n_heads, block_size=1, rope_base=cfg.rope_base, dtype=cfg.dtype,
+                                       name="attn")(layer_norm(x_BxCxE).astype(cfg.dtype), cache=cache)
         x_BxCxE = x_BxCxE + drop(h).astype(x_BxCxE.dtype)
         h = SwiGLU(int(2 * cfg.dim_ff / 3), dropout=cfg.dropout, dtype=cfg.dtype, name="mlp")(
             layer_norm(x_BxCxE).astype(cfg.dtype), train=train)
         x_BxCxE = x_BxCxE + drop(h).astype(x_BxCxE.dtype)
-        return constrain(x_BxCxE, ("batch", "seq", "embed")), kv
+        return constrain(x_BxCxE, ("batch", "seq", "embed")), cache
 
 
 class ARTransformer(nn.Module):
-    """ids [B, C] at positions offset..offset+C-1 -> (logits [B, C, V] float32, updated cache or None)."""
+    """ids [B, C] at positions p0..p0+C-1 -> (logits [B, C, V] float32, updated cache or None).
+
+    p0 = 0 without a cache, else the cache's length (the chunk is appended to it).
+    """
 
     cfg: ARConfig
 
     @nn.compact
-    def __call__(self, ids_BxC, *, offset=0, cache: KVCache | None = None, train: bool = False):
+    def __call__(self, ids_BxC, *, cache: KVCache | None = None, train: bool = False):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.embed_dim,
                          embedding_init=nn.with_logical_partitioning(normal_002, ("vocab", "embed")),
@@ -140,9 +104,9 @@ class ARTransformer(nn.Module):
         x_BxCxE = embed(ids_BxC)  # residual stream in float32
         new_cache = []
         for i in range(cfg.n_blocks):
-            x_BxCxE, kv = _Block(cfg, name=f"block_{i}")(
-                x_BxCxE, offset, None if cache is None else cache[i], train)
-            new_cache.append(kv)
+            x_BxCxE, layer_cache = _Block(cfg, name=f"block_{i}")(
+                x_BxCxE, None if cache is None else cache[i], train)
+            new_cache.append(layer_cache)
         h = layer_norm(x_BxCxE).astype(cfg.dtype)
         logits = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", dtype=cfg.dtype, use_bias=False)(h)
         return logits.astype(jnp.float32), None if cache is None else tuple(new_cache)
@@ -196,18 +160,17 @@ def sequence_nll(params: dict, ids: jax.Array, mask: jax.Array, *,
 
 
 def init_kv_cache(cfg: ARConfig, batch: int, max_len: int) -> KVCache:
-    """Zeroed cache for ``max_len`` positions: n_blocks × LayerKV([B, max_len, heads, head_dim])."""
-    shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
-    return tuple(LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_blocks))
+    """Empty cache for ``max_len`` positions: n_blocks × ``attention.KVCache`` [B, max_len, heads, head_dim]."""
+    return tuple(attention.init_cache(batch, max_len, cfg.n_heads, cfg.head_dim, cfg.dtype)
+                 for _ in range(cfg.n_blocks))
 
 
-def ar_decode_step(params: dict, cache: KVCache, ids: jax.Array, offset, *,
-                   cfg: ARConfig) -> tuple[jax.Array, KVCache]:
-    """Run ids [B, C] at positions offset..offset+C−1 against the cache; returns (logits [B,C,V], cache).
+def ar_decode_step(params: dict, cache: KVCache, ids: jax.Array, *, cfg: ARConfig) -> tuple[jax.Array, KVCache]:
+    """Append ids [B, C] at the cache's next positions p0..p0+C−1; returns (logits [B,C,V], cache).
 
-    ``offset`` may be traced. Positions past offset+C−1 in the cache are ignored.
+    The first call with a prompt chunk is the prefill; later calls append one token (or any chunk).
     """
-    logits, cache = ARTransformer(cfg).apply({"params": params}, ids, offset=offset, cache=cache)
+    logits, cache = ARTransformer(cfg).apply({"params": params}, ids, cache=cache)
     return logits, cache
 
 
@@ -252,7 +215,7 @@ def ar_sample(params: dict, key: jax.Array, prompt: jax.Array, *, cfg: ARConfig,
     def step(carry, t):
         ids, cache = carry
         token = jax.lax.dynamic_slice_in_dim(ids, t, 1, axis=1)
-        logits, cache = ar_decode_step(params, cache, token, t, cfg=cfg)
+        logits, cache = ar_decode_step(params, cache, token, cfg=cfg)
         drawn = sample_next_token(logits[:, 0], jax.random.fold_in(key, t),
                                   temperature=temperature, top_p=top_p)
         given = jax.lax.dynamic_index_in_dim(ids, t + 1, axis=1, keepdims=False)

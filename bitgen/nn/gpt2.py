@@ -1,9 +1,10 @@
 """GPT-2 family causal LM (inference only) and loading of Hugging Face GPT-2 checkpoints.
 
 GPT-2 Large is the GenPPL evaluator of cobit-spec §6.1. The architecture is HF ``GPT2LMHeadModel``:
-learned absolute positions, pre-LayerNorm blocks, fused qkv, GELU (tanh approximation) MLP, final
-LayerNorm and an LM head tied to the token embedding. HF stores its ``Conv1D`` weights as
-[in, out], which is exactly a Flax Dense kernel, so loading is a renaming, not a transpose.
+learned absolute positions (added to the embeddings, outside attention), pre-LayerNorm blocks,
+``bitgen.nn.attention.Attention`` (causal, no RoPE, fused qkv ``c_attn``), GELU (tanh
+approximation) MLP, final LayerNorm and an LM head tied to the token embedding. HF stores its
+``Conv1D`` weights as [in, out], which is exactly a Flax Dense kernel, so loading is a renaming.
 
 Public API:
   GPT2Config, GPT2Config.from_hf(dict)
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from bitgen.eval.metrics import windowed_sequence_nll
+from bitgen.nn.nll import windowed_sequence_nll
+from bitgen.nn.attention import Attention
 from bitgen.nn.layers import dense
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -93,21 +95,6 @@ def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
     )
 
 
-class _Attention(nn.Module):
-    cfg: GPT2Config
-
-    @nn.compact
-    def __call__(self, h_BxTxE: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        dtype = _DTYPES[cfg.compute_dtype]
-        batch, length, embed = h_BxTxE.shape
-        qkv = dense(3 * embed, ("embed", "heads"), name="c_attn", dtype=dtype)(h_BxTxE)
-        q, k, v = (t.reshape(batch, length, cfg.n_heads, embed // cfg.n_heads)
-                   for t in jnp.split(qkv, 3, axis=-1))
-        out_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(H)
-        return dense(embed, ("heads", "embed"), name="c_proj", dtype=dtype)(out_BxTxNxH.reshape(batch, length, embed))
-
-
 class _MLP(nn.Module):
     cfg: GPT2Config
 
@@ -125,7 +112,9 @@ class _Block(nn.Module):
     def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
         dtype = _DTYPES[self.cfg.compute_dtype]
         h = _layer_norm(self.cfg, "ln_1")(x_BxTxE).astype(dtype)
-        x_BxTxE = x_BxTxE + _Attention(self.cfg, name="attn")(h).astype(x_BxTxE.dtype)
+        y, _ = Attention(self.cfg.n_heads, block_size=1, use_rope=False, qkv_name="c_attn",
+                         out_name="c_proj", dtype=dtype, name="attn")(h)
+        x_BxTxE = x_BxTxE + y.astype(x_BxTxE.dtype)
         h = _layer_norm(self.cfg, "ln_2")(x_BxTxE).astype(dtype)
         return x_BxTxE + _MLP(self.cfg, name="mlp")(h).astype(x_BxTxE.dtype)
 

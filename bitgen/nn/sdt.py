@@ -19,14 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitgen.config import ModelConfig
-from bitgen.nn.layers import (
-    AdaLNZero,
-    Attention,
-    SwiGLU,
-    constrain,
-    dense,
-    xavier_uniform,
-)
+from bitgen.nn.attention import Attention
+from bitgen.nn.layers import AdaLNZero, SwiGLU, constrain, dense, xavier_uniform
 
 Array = jax.Array
 
@@ -91,8 +85,8 @@ class SDTBlock(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
         h, gate = AdaLNZero(cfg.embed_dim, dtype=dtype, name="adaln1")(x, t_emb)
-        y = Attention(cfg.n_heads, dropout=cfg.dropout, rope_base=cfg.rope_base,
-                      implementation=cfg.attention, dtype=dtype, name="attn")(h, train=self.train)
+        y, _ = Attention(cfg.n_heads, dropout=cfg.dropout, rope_base=cfg.rope_base,
+                         implementation=cfg.attention, dtype=dtype, name="attn")(h, train=self.train)
         self.sow("intermediates", "attn_out", y)
         x = x + drop(y) * gate[:, None, :]
         h, gate = AdaLNZero(cfg.embed_dim, dtype=dtype, name="adaln2")(x, t_emb)

@@ -340,7 +340,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
             if main:
                 family.after_step(cfg, state, run_dir, done)
             if cfg.train.sample_every and done % cfg.train.sample_every == 0 and not preempted:
-                _write_samples(cfg, state, rows, done, run_dir, logger)
+                with parallel.activation_mesh(mesh):  # the model's activation constraints act
+                    _write_samples(cfg, state, rows, done, run_dir, logger)
             ckpt.save(done, state, metadata=_metadata(cfg, mesh, done, vocab_size), data_iter=data_iter,
                       force=save_now)
             if preempted:

@@ -161,7 +161,7 @@ def jit_train_step(
     Every batch entry is split on its leading (row) dimension over the data-parallel axes.
     """
     return jax.jit(
-        step_fn,
+        parallel.with_activation_mesh(step_fn, mesh),  # the model's activation constraints act
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
