@@ -23,27 +23,17 @@ DEFAULT_HEAD_CHUNK_TOKENS = 128  # bit head chunk (tokens) in the head compariso
 
 
 class BitHead(nn.Module):
-    """The SDT's output path after its trunk, steps 6-7 of ``bitgen.nn.sdt.SDT``: the un-patch
-    projection, then the real per-bit head (``OptimalSkipMLPHead`` through ``apply_head``, chunked
-    when ``cfg.head_chunk_tokens``) -> f_θ [B, S] float32. Parameter names and shapes are the
-    SDT's (``unpatch_proj_content``, ``head``); tests/test_bench.py checks it reproduces the SDT's
-    f_θ. (SDT inlines these steps in ``__call__``; the wiring here is the part it does not expose.)
-    """
+    """The SDT's output path after its trunk (``bitgen.nn.sdt.bit_output``) as a module of its own:
+    trunk tokens, content channels and σ embedding -> f_θ [B, S] float32, with the SDT's parameter
+    names (``unpatch_proj_content``, ``head``)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, content: jax.Array, t_emb: jax.Array) -> jax.Array:
-        from bitgen.nn.layers import dense
-        from bitgen.nn.sdt import OptimalSkipMLPHead, apply_head
+        from bitgen.nn.sdt import bit_output
 
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
-        batch, seq_bits = content.shape[:2]
-        unpatched = dense(cfg.patch_size * cfg.content_dim, ("embed", "content"),
-                          name="unpatch_proj_content", dtype=dtype)(tokens)
-        x_rec = unpatched.reshape(batch, seq_bits, cfg.content_dim)
-        logits = apply_head(OptimalSkipMLPHead(cfg, name="head"), x_rec, content, tokens, t_emb)
-        return logits[..., 0].astype(jnp.float32)
+        return bit_output(self, self.cfg, tokens, content, t_emb, train=False)
 
 
 def bits_per_token(vocab: int) -> int:

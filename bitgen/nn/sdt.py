@@ -172,6 +172,23 @@ def apply_head(head: OptimalSkipMLPHead, x_rec: Array, content: Array, tokens: A
     return logits.reshape(batch, x_rec.shape[1], 1)  # [B, n_chunks, chunk·P, 1] -> [B, S, 1]
 
 
+def bit_output(module: nn.Module, cfg: ModelConfig, tokens: Array, content: Array, t_emb: Array, *,
+               train: bool) -> Array:
+    """The SDT after its trunk (steps 6-7): un-patch the trunk tokens [B, T, E] into per-bit content
+    features, then the per-bit head -> f_θ [B, S] float32. content: the input channels [B, S, 2C];
+    t_emb: [B, E]. Called inside ``module``'s compact method, so its layers are ``module``'s
+    (``unpatch_proj_content``, ``head``) and its intermediates are sown there."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    batch, seq_bits = content.shape[:2]
+    unpatched = dense(cfg.patch_size * cfg.content_dim, ("embed", "content"),
+                      name="unpatch_proj_content", dtype=dtype)(tokens)
+    module.sow("intermediates", "unpatch_proj_content_out", unpatched)
+    x_rec = unpatched.reshape(batch, seq_bits, cfg.content_dim)
+    logits = apply_head(OptimalSkipMLPHead(cfg, train=train, name="head"), x_rec, content, tokens, t_emb)
+    module.sow("intermediates", "head_out", logits)
+    return logits[..., 0].astype(jnp.float32)
+
+
 class SDT(nn.Module):
     """SequenceVDTContinuousModel with the ``optimal_skip_mlp`` head (continuous bits, SC on).
 
@@ -233,14 +250,4 @@ class SDT(nn.Module):
             tokens = block_cls(cfg, train=self.train, name=f"blocks_{i}")(tokens, t_emb)
             self.sow("intermediates", f"blocks_{i}_out", tokens)
 
-        # 6. Un-patch to per-bit "denoised" content features.
-        unpatched = dense(p * cfg.content_dim, ("embed", "content"), name="unpatch_proj_content",
-                          dtype=dtype)(tokens)
-        self.sow("intermediates", "unpatch_proj_content_out", unpatched)
-        x_rec = unpatched.reshape(batch, seq_bits, cfg.content_dim)
-
-        # 7. Per-bit head.
-        logits = apply_head(OptimalSkipMLPHead(cfg, train=self.train, name="head"),
-                            x_rec, content, tokens, t_emb)
-        self.sow("intermediates", "head_out", logits)
-        return logits[..., 0].astype(jnp.float32)
+        return bit_output(self, cfg, tokens, content, t_emb, train=self.train)
