@@ -12,6 +12,7 @@ from bitgen.config import DiffusionConfig, ModelConfig, SamplerConfig
 from bitgen.diffusion import grids
 from bitgen.diffusion.entropy_schedule import load_entropy_table
 from bitgen.parity import samplers as samplers_parity
+from bitgen.sampling import steps
 from bitgen.sampling import (
     SamplerSettings,
     build_sampler,
@@ -79,7 +80,7 @@ def test_nfe_matches_traced_calls_and_no_retrace(method, sc_mode):
     calls = []
     chex.clear_trace_counter()  # the counter is keyed by name and shared across parametrizations
 
-    @chex.assert_max_traces(n=grids.calls_per_step(method, sc_mode) + 1)
+    @chex.assert_max_traces(n=steps.calls_per_step(method, sc_mode) + 1)
     def counting(params, x, sigma, x0_hat):
         calls.append(1)
         return matched_filter_denoiser(params, x, sigma, x0_hat)
@@ -89,8 +90,8 @@ def test_nfe_matches_traced_calls_and_no_retrace(method, sc_mode):
         result = sample(None, jax.random.key(seed), batch=2, grid=GRID, settings=settings,
                         denoiser=counting)
     # the scan body is traced once, so trace-time calls = calls per step + the final denoise
-    assert len(calls) == grids.calls_per_step(method, sc_mode) + 1
-    assert result.nfe == grids.model_calls(GRID.shape[0], method, sc_mode)
+    assert len(calls) == steps.calls_per_step(method, sc_mode) + 1
+    assert result.nfe == steps.model_calls(GRID.shape[0], method, sc_mode)
 
 
 def test_churn_gating_and_settings_validation():
