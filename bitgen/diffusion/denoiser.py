@@ -209,7 +209,8 @@ def check_bit_constants(diffusion_cfg: DiffusionConfig) -> None:
 def _init_boxed(key: jax.Array, cfg: ModelConfig, network: Network = SDT):
     x = jnp.full((1, cfg.seq_bits), DATA_CENTER, jnp.float32)
     sigma = jnp.ones((1,), jnp.float32)
-    return network(cfg).init({"params": key}, x, sigma, jnp.zeros_like(x))["params"]
+    variables = network(cfg).init({"params": key}, x, sigma, jnp.zeros_like(x))
+    return variables.get("params", {})  # a network without parameters has no collection
 
 
 _init_boxed_jit = jax.jit(_init_boxed, static_argnames=("cfg", "network"))
