@@ -4,7 +4,9 @@ contract").
 * Clamped bits (prompt, infill, the context of a block): ``clamp_mask`` bool [B,S] (True = the bit
   is known) and ``clamp_bits`` [B,S] its clean value in {0,1}. Samplers hold a clamped bit at its
   clean value in every state x (no noise: a known bit stays clean at every σ), set its denoised
-  value D to the bit, and so return it unchanged in the final bits.
+  value D to the bit, and so return it unchanged in the final bits. The self-conditioning
+  estimate starts at zeros (no estimate) for every bit, as without ``cond``; from the second step
+  on it is the clamped D.
 * ``embedding`` [B, ...]: context for a network that takes one (guidance), or None.
 * ``guidance``: classifier-free guidance scale (scalar or [B]) for the network's residual, or
   None. The slot is plumbed through; no network applies it yet.
