@@ -31,6 +31,7 @@ from bitgen.config_sections import (
     SamplerConfig,
     TrainConfig,
 )
+from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.errors import BitgenError
 
 __all__ = [
@@ -118,6 +119,20 @@ def _check_ranges(flat: dict[str, Any]) -> None:
                 raise ConfigError(f"{key}={value!r} cannot work: it must be {allowed}")
 
 
+def check_bit_constants(diffusion_cfg: DiffusionConfig) -> None:
+    """Refuse a DiffusionConfig whose data_center / sigma_data differ from the bit constants.
+
+    Both are fixed by the bit representation (``bitgen.diffusion.bit_constants``); the fields stay
+    in the config so existing config.json files load.
+    """
+    for name, fixed in (("data_center", DATA_CENTER), ("sigma_data", SIGMA_DATA)):
+        value = getattr(diffusion_cfg, name)
+        if value != fixed:
+            raise ConfigError(f"diffusion.{name}={value} is not supported: the matched filter, the "
+                              f"SDT's input scaling and the sampler prior are derived for bits in "
+                              f"{{0,1}} ({name}={fixed}); set {fixed} or remove the key")
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every value and cross-field invariant once; raise ConfigError naming the key and the fix."""
     options = _family_options(cfg.task)
@@ -153,6 +168,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"of model.seq_tokens={m.seq_tokens}"
         )
     d = cfg.diffusion
+    check_bit_constants(d)
     if not 0 < d.sigma_min < d.sigma_max:
         raise ConfigError(f"diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max={d.sigma_max} "
                           "must satisfy 0 < sigma_min < sigma_max")

@@ -81,7 +81,7 @@ BAD_VALUES = [
     "sampler.gamma=inf", "sampler.gamma=-1", "sampler.s_noise=inf", "sampler.terminal_sigma=0",
     "sampler.window_q=0,inf", "sampler.batch_size=0", "sampler.nfe=2",
     "diffusion.sigma_max=inf", "diffusion.sigma_min=0", "diffusion.rho=0",
-    "diffusion.self_condition_prob=2",
+    "diffusion.self_condition_prob=2", "diffusion.sigma_data=0.4", "diffusion.data_center=0",
 ]
 
 

@@ -11,6 +11,8 @@ from bitgen.config import DiffusionConfig, SamplerConfig
 from bitgen.diffusion import grids
 from bitgen.diffusion.entropy_schedule import load_entropy_table, reference_linspace
 from bitgen.parity import grids as grids_parity
+from bitgen.sampling import settings as sampler_settings
+from bitgen.sampling import steps
 
 LM1B = load_entropy_table("lm1b")
 
@@ -50,17 +52,17 @@ def test_quantiles_and_windows():
 
 def test_nfe_accounting():
     # "256 NFE" DDIM+carry = 255 grid points = 254 steps + final denoise = 255 real calls
-    assert grids.nfe_to_grid_points(256, "ddim", "carry") == 255
-    assert grids.model_calls(255, "ddim", "carry") == 255
-    assert grids.nfe_to_grid_points(256, "heun", "carry") == 127
-    assert grids.nfe_to_grid_points(256, "ddim", "refined") == 127
-    assert grids.nfe_to_grid_points(256, "heun", "refined") == 85
+    assert steps.nfe_to_grid_points(256, "ddim", "carry") == 255
+    assert steps.model_calls(255, "ddim", "carry") == 255
+    assert steps.nfe_to_grid_points(256, "heun", "carry") == 127
+    assert steps.nfe_to_grid_points(256, "ddim", "refined") == 127
+    assert steps.nfe_to_grid_points(256, "heun", "refined") == 85
     with pytest.raises(ValueError, match="sampler/sc_mode"):
-        grids.calls_per_step("euler", "carry")
+        steps.calls_per_step("euler", "carry")
 
 
 def test_entropic_grid_without_table_is_an_error():
     with pytest.raises(ValueError, match="no silent Karras fallback"):
-        grids.sampling_grid(SamplerConfig(), None, DiffusionConfig())
-    karras = grids.sampling_grid(SamplerConfig(grid="karras", nfe=17), None, DiffusionConfig())
+        sampler_settings.sampling_grid(SamplerConfig(), None, DiffusionConfig())
+    karras = sampler_settings.sampling_grid(SamplerConfig(grid="karras", nfe=17), None, DiffusionConfig())
     assert karras.shape == (16,)

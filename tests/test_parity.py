@@ -12,7 +12,7 @@ import pytest
 
 from bitgen.parity import SUITES
 from bitgen.parity import samplers as samplers_parity
-from bitgen.sampling import SamplerSettings, churn_gammas, sample_from_noise, samplers
+from bitgen.sampling import SamplerSettings, churn_gammas, sample_from_noise, samplers, steps
 SHARED_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cobit"
 
 # Checks per suite on the vendored fixtures (docs/parity.md lists each one); 323 in all.
@@ -46,16 +46,16 @@ def test_update_rounds_product_and_sum_separately():
     x = (rng.standard_normal((64, 256)) * 50).astype(np.float32)
     d = rng.standard_normal((64, 256)).astype(np.float32)
     h = np.float32(-37.3)
-    got = jax.jit(lambda x, h, d: x + samplers._rounded(h * d))(x, h, d)
+    got = jax.jit(lambda x, h, d: x + steps._rounded(h * d))(x, h, d)
     np.testing.assert_array_equal(np.asarray(got), x + h * d)
-    nan = jax.jit(lambda a, b: samplers._rounded(a * b))(jnp.float32(np.inf), jnp.float32(0.0))
+    nan = jax.jit(lambda a, b: steps._rounded(a * b))(jnp.float32(np.inf), jnp.float32(0.0))
     assert np.isnan(nan)
 
 
 def test_fused_update_breaks_the_derived_bound(reference_dir, monkeypatch):
     # Without _rounded (one rounding for x + h*d, reassociated churn) the Heun replay leaves the
     # bound: the trace checks can fail.
-    monkeypatch.setattr(samplers, "_rounded", lambda v: v)
+    monkeypatch.setattr(steps, "_rounded", lambda v: v)
     results = [r for r in samplers_parity.checks(reference_dir, with_model=False)
                if r.name.startswith("heun.sto02full.replay.x_")]
     assert results and not all(r.passed for r in results)

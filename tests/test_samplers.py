@@ -12,14 +12,22 @@ from bitgen.config import DiffusionConfig, ModelConfig, SamplerConfig
 from bitgen.diffusion import grids
 from bitgen.diffusion.entropy_schedule import load_entropy_table
 from bitgen.parity import samplers as samplers_parity
+from bitgen.sampling import steps
+from bitgen.diffusion.denoiser import param_shapes
 from bitgen.sampling import (
+    EulerStep,
+    HeunStep,
     SamplerSettings,
     build_sampler,
     build_settings,
+    integrate,
     matched_filter_denoiser,
     sample,
     sample_from_noise,
+    sdt_denoiser,
+    step_schedule,
 )
+from bitgen.sampling.steps import initial_state
 
 LM1B = load_entropy_table("lm1b")
 GRID = jnp.asarray(grids.entropic_grid(LM1B, 12, 0.08, 80.0))
@@ -79,7 +87,7 @@ def test_nfe_matches_traced_calls_and_no_retrace(method, sc_mode):
     calls = []
     chex.clear_trace_counter()  # the counter is keyed by name and shared across parametrizations
 
-    @chex.assert_max_traces(n=grids.calls_per_step(method, sc_mode) + 1)
+    @chex.assert_max_traces(n=steps.calls_per_step(method, sc_mode) + 1)
     def counting(params, x, sigma, x0_hat):
         calls.append(1)
         return matched_filter_denoiser(params, x, sigma, x0_hat)
@@ -89,8 +97,8 @@ def test_nfe_matches_traced_calls_and_no_retrace(method, sc_mode):
         result = sample(None, jax.random.key(seed), batch=2, grid=GRID, settings=settings,
                         denoiser=counting)
     # the scan body is traced once, so trace-time calls = calls per step + the final denoise
-    assert len(calls) == grids.calls_per_step(method, sc_mode) + 1
-    assert result.nfe == grids.model_calls(GRID.shape[0], method, sc_mode)
+    assert len(calls) == steps.calls_per_step(method, sc_mode) + 1
+    assert result.nfe == steps.model_calls(GRID.shape[0], method, sc_mode)
 
 
 def test_churn_gating_and_settings_validation():
@@ -113,3 +121,40 @@ def test_build_sampler_end_to_end():
                          DiffusionConfig(), denoiser=matched_filter_denoiser)
     result = draw(None, jax.random.key(0))
     assert result.bits.shape == (2, 20) and result.nfe == 8 and draw.grid.shape == (8,)
+
+
+def test_step_objects_declare_their_calls():
+    assert (EulerStep().calls_per_step, EulerStep(refine_sc=True).calls_per_step) == (1, 2)
+    assert (HeunStep().calls_per_step, HeunStep(refine_sc=True).calls_per_step) == (2, 3)
+    assert _settings("heun", "refined").step == HeunStep(refine_sc=True)
+
+
+TINY = ModelConfig(patch_size=4, seq_tokens=5, embed_dim=16, n_heads=2, n_blocks=1, dim_ff=24,
+                   content_dim=4, head_hidden=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("method,sc_mode", [("ddim", "refined"), ("heun", "carry")])
+def test_driver_runs_unjitted_and_equals_the_jitted_sampler(method, sc_mode):
+    # Two per-step schedule constants are a product plus a sum that XLA may contract into one
+    # fused multiply-add when jitted (one rounding fewer than eager): the churn std δ from
+    # σ̂² − σ², passed in here, and the ATI label ln σ + η·(…), left off (η = 0). Every other
+    # operation is the same float32 operation eager or compiled (the rounding guards keep XLA
+    # from fusing the updates), so the results are equal bit for bit: with every op run eagerly
+    # (disable_jit) for the matched filter, and with the scan compiled but the driver not jitted
+    # for a tiny SDT.
+    settings = _settings(method, sc_mode, gamma=0.3)
+    delta = step_schedule(GRID, settings).sigma_delta
+    noise_init = jax.random.normal(jax.random.key(1), (2, S))
+    noise_churn = jax.random.normal(jax.random.key(2), (GRID.shape[0] - 1, 2, S))
+    rng = np.random.default_rng(0)
+    tiny_params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3 / np.sqrt(s.shape[0]), jnp.float32),
+        param_shapes(TINY))
+    for params, denoiser, no_jit in [(None, matched_filter_denoiser, True),
+                                     (tiny_params, sdt_denoiser(TINY), False)]:
+        jitted = sample_from_noise(params, noise_init, noise_churn, grid=GRID, settings=settings,
+                                   denoiser=denoiser, sigma_delta=delta, return_trace=True)
+        with jax.disable_jit(no_jit):
+            eager = integrate(params, initial_state(noise_init, GRID[0]), GRID, settings, denoiser,
+                              noise_churn=noise_churn, sigma_delta=delta, return_trace=True)
+        chex.assert_trees_all_equal(jitted, eager)

@@ -97,7 +97,7 @@ def bench_sampler(model_cfg: ModelConfig, batch: int, *, nfe: int = 256, repeats
     """
     from bitgen.diffusion.denoiser import denoise, init_params
     from bitgen.diffusion.entropy_schedule import load_entropy_table
-    from bitgen.diffusion.grids import model_calls
+    from bitgen.sampling import model_calls
     from bitgen.sampling import build_sampler
 
     sampler_cfg = SamplerConfig(nfe=nfe, batch_size=batch)

@@ -7,12 +7,15 @@ independent-bit posterior is sigmoid((x - ½)/σ²). The network adds the contex
     D     = sigmoid(logit) = E[b | x]           score = (D - x)/σ²
 
 Everything downstream (loss, samplers, evaluation) calls ``denoise``; nothing calls the network
-directly. Logits, D and the matched filter are always float32.
+directly. The network is a parameter (``network``, default the SDT), so another family's network
+can sit behind the same matched-filter contract; ``cond`` (``bitgen.diffusion.cond.Cond``) carries
+what it may condition on. Logits, D and the matched filter are always float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,10 +23,16 @@ import jax
 import jax.numpy as jnp
 
 from bitgen.config import ModelConfig
-from bitgen.nn.sdt import DATA_CENTER, SDT
+from bitgen.diffusion.bit_constants import DATA_CENTER
+from bitgen.diffusion.cond import Cond, CondError
+from bitgen.nn.sdt import SDT
 
 Array = jax.Array
 Params = Mapping[str, Any]
+# A network: ``network(cfg, train=...)`` is a Flax module whose ``__call__(x_t [B,S], sigma [B],
+# x0_hat [B,S] | None)`` returns the residual f_θ [B,S] (plus ``embedding=`` if it conditions on
+# one). The SDT class is one.
+Network = Callable[..., nn.Module]
 
 SIGMA2_FLOOR = 1e-12  # keeps the matched filter finite at σ = 0
 
@@ -74,7 +83,11 @@ def denoised_mean(logits: Array) -> Array:
 
 
 def score(denoised: Array, x_t: Array, sigma: Array) -> Array:
-    """VE score ∇ log p(x_t) = (D - x_t)/σ², [B, S] float32."""
+    """VE score ∇ log p(x_t) = (D - x_t)/σ², [B, S] float32; sigma [B].
+
+    The samplers' direction d = -σ·score is built on this (``bitgen.sampling.steps.direction``):
+    the true division (``divide_rows``) is the reference's operation order.
+    """
     return divide_rows(denoised - x_t.astype(jnp.float32), jnp.square(sigma.astype(jnp.float32)))
 
 
@@ -90,6 +103,19 @@ def _check_inputs(x_t: Array, sigma: Array, x0_hat: Array | None, cfg: ModelConf
         raise ValueError(f"x0_hat shape {x0_hat.shape} must equal x_t shape {x_t.shape}")
 
 
+def _network_inputs(model: nn.Module, cond: Cond | None) -> dict:
+    """Keyword inputs the network gets from ``cond``: its ``embedding``, if any.
+
+    Clamped bits reach the network through x_t itself (they sit at their clean value).
+    """
+    if cond is None or cond.embedding is None:
+        return {}
+    if "embedding" not in inspect.signature(type(model).__call__).parameters:
+        raise CondError(f"cond.embedding was given but {type(model).__name__} takes no embedding; "
+                        "drop it or use a network that conditions on one")
+    return {"embedding": cond.embedding}
+
+
 def residual_logits(
     params: Params,
     x_t: Array,
@@ -97,29 +123,36 @@ def residual_logits(
     x0_hat: Array | None,
     *,
     cfg: ModelConfig,
+    cond: Cond | None = None,
     key: jax.Array | None = None,
     train: bool = False,
     capture_intermediates: bool = False,
+    network: Network = SDT,
 ) -> Array | tuple[Array, dict]:
     """The network alone: f_θ [B, S] float32 (plus the sown intermediates when asked).
 
     x0_hat None = the reference's SC-bootstrap quirk (un-centred zero SC channel); pass
     ``jnp.zeros_like(x_t)`` for "no self-conditioning". ``key`` drives dropout and is required when
-    ``train`` and ``cfg.dropout > 0``.
+    ``train`` and ``cfg.dropout > 0``. ``network(cfg, train=train)`` builds the module (see
+    ``Network``); ``cond.embedding`` is passed to it as ``embedding=``.
     """
     _check_inputs(x_t, sigma, x0_hat, cfg)
+    if cond is not None and cond.guidance is not None:
+        raise CondError("cond.guidance (classifier-free guidance) is not implemented yet; "
+                        "leave it None")
     rngs = {}
     if train and cfg.dropout > 0.0:
         if key is None:
             raise ValueError("train=True with model.dropout > 0 needs a dropout key (key=...)")
         rngs["dropout"] = key
-    model = SDT(cfg, train=train)
+    model = network(cfg, train=train)
     variables = {"params": params}
+    inputs = _network_inputs(model, cond)
     if capture_intermediates:
         f_theta, state = model.apply(variables, x_t, sigma, x0_hat, rngs=rngs,
-                                     mutable=["intermediates"])
+                                     mutable=["intermediates"], **inputs)
         return f_theta, state["intermediates"]
-    return model.apply(variables, x_t, sigma, x0_hat, rngs=rngs)
+    return model.apply(variables, x_t, sigma, x0_hat, rngs=rngs, **inputs)
 
 
 def denoise(
@@ -129,52 +162,69 @@ def denoise(
     x0_hat: Array | None,
     *,
     cfg: ModelConfig,
+    cond: Cond | None = None,
     key: jax.Array | None = None,
     train: bool = False,
+    network: Network = SDT,
 ) -> Array:
     """Per-bit logits [B, S] float32 (residual + matched filter per ``cfg.logit_scaling``).
 
     x_t: [B, S] noisy bits; sigma: [B]; x0_hat: [B, S] self-conditioning estimate in [0, 1]
-    (zeros = none) or None (the reference's bootstrap quirk, see ``residual_logits``).
+    (zeros = none) or None (the reference's bootstrap quirk, see ``residual_logits``). ``cond``
+    and ``network``: see ``residual_logits``; the logits are the model's opinion also at clamped
+    bits (the samplers impose the clamp).
     """
     if cfg.logit_scaling == "matched_filter_only":
         _check_inputs(x_t, sigma, x0_hat, cfg)
         return matched_filter_llr(x_t, sigma, cfg.mf_clip)
-    f_theta = residual_logits(params, x_t, sigma, x0_hat, cfg=cfg, key=key, train=train)
+    f_theta = residual_logits(params, x_t, sigma, x0_hat, cfg=cfg, cond=cond, key=key, train=train,
+                              network=network)
     return combine_logits(f_theta, x_t, sigma, cfg=cfg)
 
 
-def _init_boxed(key: jax.Array, cfg: ModelConfig):
-    x = jnp.full((1, cfg.seq_bits), 0.5, jnp.float32)
-    sigma = jnp.ones((1,), jnp.float32)
-    return SDT(cfg).init({"params": key}, x, sigma, jnp.zeros_like(x))["params"]
+def matched_filter_denoiser(params, x_t: Array, sigma: Array, x0_hat: Array | None, *,
+                            cond: Cond | None = None, clip: float = 30.0) -> Array:
+    """The analytic independent-bit posterior logits ``matched_filter_llr`` [B, S]: the SDT at init.
 
-
-_init_boxed_jit = jax.jit(_init_boxed, static_argnames="cfg")
-
-
-def init_params(key: jax.Array, cfg: ModelConfig) -> dict:
-    """Fresh float32 parameters (plain arrays) with the reference initialisers.
-
-    At init every adaLN-Zero gate is 0, so f_θ ≡ 0 and the denoiser is the pure matched filter.
+    A denoiser with no parameters (``params`` is ignored), for tests and baselines.
     """
-    return nn.unbox(_init_boxed_jit(key, cfg))
+    del params, x0_hat, cond
+    return matched_filter_llr(x_t, sigma, clip)
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
+def _init_boxed(key: jax.Array, cfg: ModelConfig, network: Network = SDT):
+    x = jnp.full((1, cfg.seq_bits), DATA_CENTER, jnp.float32)
+    sigma = jnp.ones((1,), jnp.float32)
+    variables = network(cfg).init({"params": key}, x, sigma, jnp.zeros_like(x))
+    return variables.get("params", {})  # a network without parameters has no collection
+
+
+_init_boxed_jit = jax.jit(_init_boxed, static_argnames=("cfg", "network"))
+
+
+def init_params(key: jax.Array, cfg: ModelConfig, network: Network = SDT) -> dict:
+    """Fresh float32 parameters (plain arrays) with the network's initialisers.
+
+    For the SDT every adaLN-Zero gate is 0 at init, so f_θ ≡ 0 and the denoiser is the pure
+    matched filter.
+    """
+    return nn.unbox(_init_boxed_jit(key, cfg, network))
+
+
+def param_shapes(cfg: ModelConfig, network: Network = SDT) -> dict:
     """Parameter pytree of ``jax.ShapeDtypeStruct`` (nothing is allocated)."""
-    return nn.unbox(jax.eval_shape(lambda k: _init_boxed(k, cfg), jax.random.key(0)))
+    return nn.unbox(jax.eval_shape(lambda k: _init_boxed(k, cfg, network), jax.random.key(0)))
 
 
-def count_params(cfg: ModelConfig) -> int:
+def count_params(cfg: ModelConfig, network: Network = SDT) -> int:
     """Number of trainable parameters, counted from shapes only."""
-    return sum(leaf.size for leaf in jax.tree.leaves(param_shapes(cfg)))
+    return sum(leaf.size for leaf in jax.tree.leaves(param_shapes(cfg, network)))
 
 
-def param_logical_axes(cfg: ModelConfig) -> dict:
+def param_logical_axes(cfg: ModelConfig, network: Network = SDT) -> dict:
     """Pytree matching ``init_params`` whose leaves are ``PartitionSpec``s of logical axis names.
 
     Map them to mesh axes with one rules table (``flax.linen.logical_to_mesh_sharding``).
     """
-    boxed = jax.eval_shape(lambda k: _init_boxed(k, cfg), jax.random.key(0))
+    boxed = jax.eval_shape(lambda k: _init_boxed(k, cfg, network), jax.random.key(0))
     return nn.get_partition_spec(boxed)

@@ -1,8 +1,10 @@
-"""σ-grids for sampling (spec §5.1), churn windows (§5.3) and NFE accounting (§5.5).
+"""σ-grids for sampling (spec §5.1) and churn windows (§5.3).
 
 Grids are computed once on the host in numpy float32, reproducing the reference's float32
 arithmetic (including ``torch.linspace`` rounding, see ``reference_linspace``), and are then passed
 to the jitted samplers as arrays. All grids are descending: σ_0 (largest) … σ_{N-1} (terminal).
+The grid a SamplerConfig asks for, and the NFE accounting that sizes it, live with the sampler
+steps (``bitgen.sampling.settings.sampling_grid``, ``bitgen.sampling.steps``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import math
 
 import numpy as np
 
-from bitgen.config import DiffusionConfig, SamplerConfig
 from bitgen.diffusion.entropy_schedule import (
     EntropyTable,
     closed_cdf,
@@ -19,8 +20,6 @@ from bitgen.diffusion.entropy_schedule import (
 )
 
 _F32 = np.float32
-_CALLS_PER_STEP = {("ddim", "carry"): 1, ("ddim", "refined"): 2,
-                   ("heun", "carry"): 2, ("heun", "refined"): 3}
 
 
 def karras_grid(n: int, sigma_lo: float, sigma_hi: float, rho: float = 7.0) -> np.ndarray:
@@ -103,45 +102,3 @@ def churn_window(table: EntropyTable | None, q_lo: float, q_hi: float, terminal_
     lo = max(terminal_sigma, min(float(lo), sigma_max))
     hi = max(terminal_sigma, min(float(hi), sigma_max))
     return (hi, lo) if hi < lo else (lo, hi)
-
-
-def calls_per_step(sampler: str, sc_mode: str) -> int:
-    """Denoiser calls per grid interval: DDIM 1 (+1 refined SC), Heun 2 (+1 refined SC)."""
-    try:
-        return _CALLS_PER_STEP[(sampler, sc_mode)]
-    except KeyError:
-        raise ValueError(f"unknown sampler/sc_mode {sampler!r}/{sc_mode!r}; "
-                         f"choose from {sorted(_CALLS_PER_STEP)}") from None
-
-
-def nfe_to_grid_points(nfe: int, sampler: str, sc_mode: str) -> int:
-    """Number of σ-grid points N for a target NFE label, as the reference computes it.
-
-    The reference sets N = (nfe - 1) // calls_per_step and calls the run "nfe"; since N points
-    give N - 1 intervals, the real count is calls_per_step*(N-1) + 1 (e.g. "256 NFE" DDIM+carry
-    = 255 points = 255 denoiser calls). See ``model_calls``.
-    """
-    if nfe < 2:
-        raise ValueError(f"nfe={nfe} must be >= 2")
-    return max(1, (nfe - 1) // calls_per_step(sampler, sc_mode))
-
-
-def model_calls(n_points: int, sampler: str, sc_mode: str) -> int:
-    """Actual denoiser calls of a sampler run on an N-point grid (incl. the final denoise)."""
-    return calls_per_step(sampler, sc_mode) * (n_points - 1) + 1
-
-
-def sampling_grid(sampler_cfg: SamplerConfig, table: EntropyTable | None,
-                  diffusion_cfg: DiffusionConfig) -> np.ndarray:
-    """The σ-grid a SamplerConfig asks for (grid type, N from nfe, terminal σ, σ_max)."""
-    n = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode)
-    if n < 2:
-        raise ValueError(f"sampler.nfe={sampler_cfg.nfe} leaves fewer than 2 grid points for "
-                         f"{sampler_cfg.name}/{sampler_cfg.sc_mode}; raise sampler.nfe")
-    if sampler_cfg.grid == "karras":
-        return karras_grid(n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max, diffusion_cfg.rho)
-    if table is None:
-        raise ValueError("sampler.grid=entropic needs an entropy table (load_entropy_table('lm1b'), a "
-                         "run's table, ...); there is no silent Karras fallback. Pass a table or set "
-                         "sampler.grid=karras.")
-    return entropic_grid(table, n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bitgen.config import DiffusionConfig, ModelConfig
+from bitgen.config import DiffusionConfig, ModelConfig, check_bit_constants
+from bitgen.diffusion.bit_constants import SIGMA_DATA
 from bitgen.diffusion.denoiser import Params, denoise, denoised_mean
 
 Array = jax.Array
@@ -96,8 +97,10 @@ def diffusion_loss(
     bits [B, S] uint8 in {0,1}; sigma [B] float32 > 0; key: typed PRNG key for ε, the SC row
     draw and dropout. ``sc_mask`` [B] bool and ``noise`` [B, S] override the random draws (replay
     and parity). Returns (scalar loss, aux) with aux = ``loss_per_sample`` [B], ``mse_per_sample``
-    [B] and ``sc_mask`` [B]. Pure and jit-able (configs static).
+    [B] and ``sc_mask`` [B]. Pure and jit-able (configs static). The EDM weight uses
+    ``SIGMA_DATA`` (``diffusion_cfg.sigma_data`` must equal it, ``check_bit_constants``).
     """
+    check_bit_constants(diffusion_cfg)
     if bits.ndim != 2 or sigma.shape != bits.shape[:1]:
         raise ValueError(f"need bits [batch, bits] and sigma [batch]; got {bits.shape} and {sigma.shape}")
     key_noise, key_sc, key_bootstrap, key_main = jax.random.split(key, 4)
@@ -117,5 +120,5 @@ def diffusion_loss(
     logits = denoise(params, x_t, sigma, x0_hat, cfg=model_cfg, key=key_main, train=train)
     loss, aux = loss_from_logits(logits, bits, sigma, loss_type=diffusion_cfg.loss_type,
                                  weighting=diffusion_cfg.loss_weighting,
-                                 sigma_data=diffusion_cfg.sigma_data)
+                                 sigma_data=SIGMA_DATA)
     return loss, {**aux, "sc_mask": sc_mask}

@@ -19,17 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitgen.config import ModelConfig
+from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.nn.attention import Attention
 from bitgen.nn.layers import AdaLNZero, SwiGLU, constrain, dense, xavier_uniform
 
 Array = jax.Array
-
-# Input normalisation of the network (the reference reads both from cfg.diffusion.continuous and
-# every CoBit config uses these values): bits are centred on 0.5 and scaled by
-# c_in = 1/sqrt(sigma^2 + SIGMA_DATA^2).
-DATA_CENTER = 0.5
-SIGMA_DATA = 0.5
-
 
 def pos_dim(cfg: ModelConfig) -> int:
     """Per-bit positional feature width: 2·global + 2·local Fourier features + 1 centre distance."""

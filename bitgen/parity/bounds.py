@@ -1,7 +1,7 @@
 """First-order forward error bounds for the sampler traces (derivation: docs/parity.md).
 
 bitgen evaluates every update op for op in the reference's order with the same float32 rounding
-(``bitgen.sampling.samplers._rounded`` stops FMA contraction and reassociation), so two runs can
+(``bitgen.sampling.steps._rounded`` stops FMA contraction and reassociation), so two runs can
 differ only where an input differs: the denoiser output D. Given a bound on each call's |ΔD|,
 the state difference obeys, per element and step,
 

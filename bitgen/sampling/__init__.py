@@ -4,7 +4,11 @@ Typical use::
 
     table = load_entropy_table("lm1b")
     draw = build_sampler(model_cfg, sampler_cfg, table, model_cfg.seq_bits)
-    result = draw(params, jax.random.key(0))      # SampleResult(bits, D, x, nfe)
+    result = draw(params, jax.random.key(0))      # SampleResult(bits, D, x, trace, nfe)
+    prompted = draw(params, key, cond=Cond.clamped(mask, bits))   # clamped bits kept as given
+
+Modules: ``steps`` (per-step arithmetic, ``EulerStep``/``HeunStep``, NFE accounting),
+``samplers`` (the ``integrate`` driver and its jitted edges), ``settings`` (host-side resolution).
 """
 
 from __future__ import annotations
@@ -15,24 +19,43 @@ import jax
 import jax.numpy as jnp
 
 from bitgen.config import DiffusionConfig, ModelConfig, SamplerConfig
+from bitgen.diffusion.cond import Cond
+from bitgen.diffusion.denoiser import matched_filter_denoiser
 from bitgen.diffusion.entropy_schedule import EntropyTable
-from bitgen.diffusion.grids import sampling_grid
 from bitgen.sampling.samplers import (
     SampleResult,
-    StepSchedule,
     ati_label,
-    matched_filter_denoiser,
+    integrate,
     sample,
     sample_from_noise,
     sampler_step,
+    step_ops,
     step_schedule,
 )
-from bitgen.sampling.settings import SamplerSettings, build_settings, churn_gammas
+from bitgen.sampling.settings import (
+    SamplerSettings,
+    build_settings,
+    churn_gammas,
+    sampling_grid,
+)
+from bitgen.sampling.steps import (
+    EulerStep,
+    HeunStep,
+    Step,
+    StepOps,
+    StepSchedule,
+    calls_per_step,
+    make_step,
+    model_calls,
+    nfe_to_grid_points,
+)
 
 __all__ = [
-    "SampleResult", "SamplerSettings", "StepSchedule", "ati_label", "build_sampler",
-    "build_settings", "churn_gammas", "matched_filter_denoiser", "sample", "sample_from_noise",
-    "sampler_step", "sdt_denoiser", "step_schedule",
+    "Cond", "EulerStep", "HeunStep", "SampleResult", "SamplerSettings", "Step", "StepOps",
+    "StepSchedule", "ati_label", "build_sampler", "build_settings", "calls_per_step",
+    "churn_gammas", "integrate", "make_step", "matched_filter_denoiser", "model_calls",
+    "nfe_to_grid_points", "sample", "sample_from_noise", "sampler_step", "sampling_grid",
+    "sdt_denoiser", "step_ops", "step_schedule",
 ]
 
 
@@ -51,12 +74,15 @@ def sdt_denoiser(model_cfg: ModelConfig):
 def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, table: EntropyTable | None,
                   seq_bits: int, diffusion_cfg: DiffusionConfig | None = None, *,
                   denoiser=None):
-    """Resolve grid and settings on the host; return ``fn(params, key, batch=None) -> SampleResult``.
+    """Resolve grid and settings on the host; return
+    ``draw(params, key, batch=None, *, cond=None) -> SampleResult``.
 
     ``denoiser`` defaults to the SDT (``bitgen.diffusion.denoiser.denoise`` bound to model_cfg).
-    ``batch`` defaults to ``sampler_cfg.batch_size``. The sampler compiles once per (settings,
-    batch, parameter shapes, denoiser): the default denoiser is one object per model config, so
-    samplers built again with equal settings (another seed, another sweep visit) reuse the program.
+    ``batch`` defaults to ``sampler_cfg.batch_size``; ``cond`` (a ``Cond`` with [batch, seq_bits]
+    arrays) clamps known bits. The sampler compiles once per (settings, batch, parameter shapes,
+    denoiser, which ``cond`` fields are set): the default denoiser is one object per model config,
+    so samplers built again with equal settings (another seed, another sweep visit) reuse the
+    program.
     """
     if seq_bits != model_cfg.seq_bits:
         raise ValueError(f"seq_bits={seq_bits} does not match the model's "
@@ -69,9 +95,10 @@ def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, table: Ent
         denoiser = sdt_denoiser(model_cfg)
     grid_device = jnp.asarray(grid)
 
-    def draw(params, key: jax.Array, batch: int | None = None) -> SampleResult:
+    def draw(params, key: jax.Array, batch: int | None = None, *,
+             cond: Cond | None = None) -> SampleResult:
         return sample(params, key, batch=batch or sampler_cfg.batch_size, grid=grid_device,
-                      settings=settings, denoiser=denoiser)
+                      settings=settings, denoiser=denoiser, cond=cond)
 
     draw.grid, draw.settings = grid, settings
     return draw

@@ -1,9 +1,9 @@
-"""Static sampler settings, resolved once on the host (spec §5.3, §5.5).
+"""Static sampler settings and the σ-grid, resolved once on the host (spec §5.1, §5.3, §5.5).
 
 ``SamplerSettings`` is a frozen, hashable dataclass passed as a static argument to the jitted
-samplers. Everything that depends on Python floats in the reference — the per-step churn γ_i,
-gated by comparing the float32 grid value as a float64 against the window bounds — is resolved
-here, so the compiled program only sees arrays of per-step constants.
+samplers. Everything that depends on Python floats in the reference — the grid size from the NFE
+label, the per-step churn γ_i, gated by comparing the float32 grid value as a float64 against the
+window bounds — is resolved here, so the compiled program only sees arrays of per-step constants.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitgen.config import DiffusionConfig, SamplerConfig
+from bitgen.config import DiffusionConfig, SamplerConfig, check_bit_constants
 from bitgen.diffusion.entropy_schedule import EntropyTable
-from bitgen.diffusion.grids import calls_per_step, churn_window
+from bitgen.diffusion.grids import churn_window, entropic_grid, karras_grid
+from bitgen.sampling.steps import Step, make_step, nfe_to_grid_points
 
 _MAX_GAMMA = math.sqrt(2.0) - 1.0  # EDM bound: σ̂ ≤ √2·σ keeps the added variance ≤ σ²
 
@@ -24,9 +25,10 @@ _MAX_GAMMA = math.sqrt(2.0) - 1.0  # EDM bound: σ̂ ≤ √2·σ keeps the adde
 class SamplerSettings:
     """Everything static about one sampler run.
 
-    method: "ddim" (Euler / DDIM η=0) | "heun" (EDM Alg. 2); sc_mode: "carry" | "refined";
-    gammas: churn γ_i per grid interval (length N-1; 0 = no churn on that step);
-    s_noise: churn noise scale; ati_eta: ATI label shift (0 = off); seq_bits: S.
+    method: "ddim" (Euler / DDIM η=0) | "heun" (EDM Alg. 2); sc_mode: "carry" | "refined"
+    (together they name the step object, ``step``); gammas: churn γ_i per grid interval
+    (length N-1; 0 = no churn on that step); s_noise: churn noise scale; ati_eta: ATI label shift
+    (0 = off); seq_bits: S.
     """
 
     method: str
@@ -35,10 +37,9 @@ class SamplerSettings:
     s_noise: float = 1.003
     ati_eta: float = 0.0
     seq_bits: int = 0
-    data_center: float = 0.5
 
     def __post_init__(self):
-        calls_per_step(self.method, self.sc_mode)  # validates the pair
+        make_step(self.method, self.sc_mode)  # validates the pair
         if any(g < 0 or not math.isfinite(g) for g in self.gammas):
             raise ValueError(f"churn gammas must be finite and >= 0, got {self.gammas}")
 
@@ -51,9 +52,14 @@ class SamplerSettings:
         return any(g > 0 for g in self.gammas)
 
     @property
+    def step(self) -> Step:
+        """The step object of ``method`` / ``sc_mode``."""
+        return make_step(self.method, self.sc_mode)
+
+    @property
     def nfe(self) -> int:
         """Actual denoiser calls (incl. the final denoise)."""
-        return calls_per_step(self.method, self.sc_mode) * len(self.gammas) + 1
+        return self.step.calls_per_step * len(self.gammas) + 1
 
 
 def churn_gammas(grid: np.ndarray, s_churn: float, window: tuple[float, float] | None) -> np.ndarray:
@@ -82,6 +88,7 @@ def build_settings(sampler_cfg: SamplerConfig, grid: np.ndarray, *, seq_bits: in
     ``window_q`` of ``table`` clipped to [terminal_sigma, σ_max] (full band without a table).
     """
     diffusion_cfg = diffusion_cfg or DiffusionConfig()
+    check_bit_constants(diffusion_cfg)
     s_churn = sampler_cfg.gamma * (sampler_cfg.nfe - 1)
     window = None
     if s_churn > 0:
@@ -90,5 +97,20 @@ def build_settings(sampler_cfg: SamplerConfig, grid: np.ndarray, *, seq_bits: in
     return SamplerSettings(
         method=sampler_cfg.name, sc_mode=sampler_cfg.sc_mode,
         gammas=tuple(float(g) for g in churn_gammas(grid, s_churn, window)),
-        s_noise=sampler_cfg.s_noise, ati_eta=sampler_cfg.ati_eta, seq_bits=int(seq_bits),
-        data_center=diffusion_cfg.data_center)
+        s_noise=sampler_cfg.s_noise, ati_eta=sampler_cfg.ati_eta, seq_bits=int(seq_bits))
+
+
+def sampling_grid(sampler_cfg: SamplerConfig, table: EntropyTable | None,
+                  diffusion_cfg: DiffusionConfig) -> np.ndarray:
+    """The σ-grid a SamplerConfig asks for (grid type, N from nfe, terminal σ, σ_max)."""
+    n = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode)
+    if n < 2:
+        raise ValueError(f"sampler.nfe={sampler_cfg.nfe} leaves fewer than 2 grid points for "
+                         f"{sampler_cfg.name}/{sampler_cfg.sc_mode}; raise sampler.nfe")
+    if sampler_cfg.grid == "karras":
+        return karras_grid(n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max, diffusion_cfg.rho)
+    if table is None:
+        raise ValueError("sampler.grid=entropic needs an entropy table (load_entropy_table('lm1b'), a "
+                         "run's table, ...); there is no silent Karras fallback. Pass a table or set "
+                         "sampler.grid=karras.")
+    return entropic_grid(table, n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max)
