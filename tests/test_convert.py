@@ -10,15 +10,14 @@ import pytest
 
 from bitgen import cli
 from bitgen.config import ConfigError, ModelConfig
-from bitgen.convert import (
+from bitgen.convert import load_official_state_dict
+from bitgen.modelio import ConversionError, load_params
+from bitgen.official import (
     FREQ_KEY,
-    ConversionError,
     bitgen_to_official_name,
     expected_official_shapes,
     from_official,
     infer_model_config,
-    load_official_state_dict,
-    load_params,
     model_config_from_official,
     official_to_bitgen_name,
     to_official,
