@@ -20,6 +20,7 @@ import numpy as np
 
 from bitgen.config import ModelConfig
 from bitgen.errors import BitgenError, one_line
+from bitgen.hub import resolve
 from bitgen.modelio import ConversionError, flatten_tree, load_params, read_npz, save_npz, save_params
 from bitgen.official import (
     from_official,
@@ -137,7 +138,9 @@ def load_official_state_dict(path: str | Path, state_key: str | None = None, *,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, help="official .pt/.pth/.npz, or a bitgen params .npz")
+    parser.add_argument("source", help="official .pt/.pth/.npz, or a bitgen params .npz; a local "
+                        "path or a Hub file hf:OWNER/NAME/FILE[@REV]")
+    parser.add_argument("--sha256", help="expected SHA-256 of the source file (checked before reading)")
     parser.add_argument("dest", type=Path, help="output .npz")
     parser.add_argument("--to", choices=("bitgen", "official"), default="bitgen",
                         help="bitgen: official checkpoint -> bitgen params (default); "
@@ -167,6 +170,7 @@ def _read_official_config(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.source = resolve(args.source, sha256=args.sha256)
     if args.to == "official":
         params, cfg = load_params(args.source)
         save_npz(args.dest, to_official(params, cfg))
