@@ -39,10 +39,11 @@ TOKENIZER_DIR = "tokenizer"
 CARD_FILE = "README.md"
 _CONFIG_ENTRY = "__model_config__"
 
-# Which config field most likely disagrees with a file when a parameter does not match, first
-# matching pattern wins (patterns are searched in the "/"-joined parameter path).
+# A block parameter that is missing or extra means another number of blocks.
+_BLOCK = re.compile(r"^blocks?_\d+/")
+# Which config field most likely disagrees with a file when a parameter's shape does not match,
+# first matching pattern wins (patterns are searched in the "/"-joined parameter path).
 _FIELD_HINTS = (
-    (r"^blocks?_\d+/", "model.n_blocks"),
     (r"(^|/)(embed|lm_head)/", "data.vocab_size (the tokenizer's vocabulary)"),
     (r"(^|/)(patch_proj|unpatch_proj_content|patch_adapter)/", "model.patch_size"),
     (r"(^|/)cont_input_proj/", "model.content_dim"),
@@ -174,17 +175,19 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 # Reading against a config
 
 
-def _field_hint(name: str) -> str:
+def _field_hint(name: str, present_in_both: bool) -> str:
+    if not present_in_both and _BLOCK.search(name):
+        return "model.n_blocks"
     for pattern, field in _FIELD_HINTS:
         if re.search(pattern, name):
             return field
     return "model.embed_dim"
 
 
-def _mismatch(path: Path, name: str, problem: str) -> ConversionError:
+def _mismatch(path: Path, name: str, problem: str, present_in_both: bool) -> ConversionError:
     return ConversionError(f"{path} does not match the config: parameter {name} {problem}; check "
-                           f"{_field_hint(name)} (the config must describe the model that wrote "
-                           "the file)")
+                           f"{_field_hint(name, present_in_both)} (the config must describe the "
+                           "model that wrote the file)")
 
 
 def _flat_file(path: Path) -> dict[str, np.ndarray]:
@@ -215,18 +218,18 @@ def read_params_file(path: str | Path, abstract_params: Any) -> Any:
     expected = {"/".join(p): leaf for p, leaf in flatten_tree(abstract_params).items()}
     for name, leaf in expected.items():
         if name not in arrays:
-            raise _mismatch(path, name, f"{tuple(leaf.shape)} is missing")
+            raise _mismatch(path, name, f"{tuple(leaf.shape)} is missing", False)
         value = arrays[name]
         if tuple(value.shape) != tuple(leaf.shape):
             raise _mismatch(path, name, f"has shape {tuple(value.shape)}, expected "
-                                        f"{tuple(leaf.shape)}")
+                                        f"{tuple(leaf.shape)}", True)
         if np.dtype(value.dtype) != np.dtype(leaf.dtype):
             raise ConversionError(f"{path}: parameter {name} is {value.dtype}, expected {leaf.dtype};"
                                   " write the file with bitgen convert/export (float32)")
     extra = sorted(set(arrays) - set(expected))
     if extra:
         raise _mismatch(path, extra[0], f"{tuple(arrays[extra[0]].shape)} is not in the config's "
-                                        f"model ({len(extra)} extra)")
+                                        f"model ({len(extra)} extra)", False)
 
     def place(name: str, leaf):
         sharding = getattr(leaf, "sharding", None)
