@@ -26,7 +26,7 @@ from bitgen.errors import BitgenError, one_line
 
 PREFIX = "hf:"
 # (repo, file, revision) -> SHA-256 hex digest of files whose bytes bitgen has checked.
-KNOWN_SHA256: dict[tuple[str, str, str | None], str] = {}
+KNOWN_SHA256: dict[tuple[str, str, str | None], str] = {}  # none verified yet
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -136,7 +136,8 @@ def resolve(spec: str | Path, *, sha256: str | None = None) -> Path:
             raise HubError(f"sha256 applies to one file, but {parsed} names a whole repo; pin a "
                            "commit with @REV instead")
         path = _fetch(parsed)
-        sha256 = sha256 or KNOWN_SHA256.get((parsed.repo, parsed.filename or "", parsed.revision))
+        if parsed.filename is not None:
+            sha256 = sha256 or KNOWN_SHA256.get((parsed.repo, parsed.filename, parsed.revision))
     else:
         path = Path(spec).expanduser()
         if not path.exists():
