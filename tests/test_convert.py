@@ -10,15 +10,14 @@ import pytest
 
 from bitgen import cli
 from bitgen.config import ConfigError, ModelConfig
-from bitgen.convert import (
+from bitgen.convert import load_official_state_dict
+from bitgen.modelio import ConversionError, load_params
+from bitgen.official import (
     FREQ_KEY,
-    ConversionError,
     bitgen_to_official_name,
     expected_official_shapes,
     from_official,
     infer_model_config,
-    load_official_state_dict,
-    load_params,
     model_config_from_official,
     official_to_bitgen_name,
     to_official,
@@ -207,3 +206,27 @@ def test_damaged_pytorch_files_are_not_sent_to_allow_pickle(tmp_path):
             with pytest.raises(ConversionError, match="damaged") as info:
                 load_official_state_dict(tmp_path / name, allow_pickle=allow_pickle)
             assert "--allow-pickle" not in str(info.value)
+
+
+def test_official_pt_converts_through_the_cli_and_reads_back_against_the_run_config(tmp_path, capsys):
+    """A small official-format .pt (official names, PyTorch layouts, top-level EMA state dict as
+    released) -> `bitgen convert` -> read_params_file against the abstract params of a full config."""
+    torch = pytest.importorskip("torch")
+    from bitgen.config import load_config
+    from bitgen.modelio import flatten_tree, read_params_file
+    from bitgen.train.task import abstract_params
+    from test_train_loop import TINY
+
+    cfg = load_config("demo_cpu", TINY)
+    state = official_state(cfg.model, seed=5)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "cobit.pt")
+    params_file = tmp_path / "cobit.npz"
+    assert cli.main(["convert", str(tmp_path / "cobit.pt"), str(params_file),
+                     "--n-heads", str(cfg.model.n_heads), "--seq-tokens", str(cfg.model.seq_tokens)]) == 0
+    assert "wrote bitgen params" in capsys.readouterr().out
+    params = read_params_file(params_file, abstract_params(cfg))
+    expected = flatten_tree(from_official(state, cfg.model))
+    got = flatten_tree(params)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg="/".join(key))
