@@ -1,8 +1,10 @@
 """``bitgen export RUN OUT``: write a trained run as a shareable model folder.
 
 The folder (layout in ``bitgen.modelio``) holds the run's config, a copy of its text pipeline
-(``<run>/tokenizer/``), the weights as ``model.safetensors`` (EMA by default, ``--weights raw``
-for the training params) and a short model card. ``bitgen sample --model-dir OUT`` reads it.
+(``<run>/tokenizer/``; runs trained before runs kept one get it rebuilt from their config), the
+weights as ``model.safetensors`` (EMA by default, ``--weights raw`` for the training params), the
+run's entropy table at that step, and a short model card. ``bitgen sample --model-dir OUT`` reads
+it.
 
 Example::
 
@@ -14,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from bitgen.errors import BitgenError, one_line
-from bitgen.modelio import TOKENIZER_DIR, write_model_folder
-
-# Which checkpoint entry each --weights choice reads.
-WEIGHTS = {"ema": "ema_params", "raw": "params"}
+from bitgen.loading import WEIGHTS, latest_entropy_table_path, run_text
+from bitgen.modelio import TABLE_FILE, TOKENIZER_DIR, write_model_folder
 
 
 class ExportError(BitgenError, ValueError):
@@ -81,11 +83,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, weights: str = "ema",
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise ExportError(f"run directory {run} does not exist; check the path")
-    tokenizer_dir = run / TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
-        raise ExportError(f"{run} has no {TOKENIZER_DIR}/ (runs trained before bitgen saved its "
-                          "text pipeline); re-save it with this bitgen version (new runs write "
-                          f"{TOKENIZER_DIR}/ themselves), then export again")
     ckpt_dir, step, meta = _run_parts(run, step)
     cfg_dict = _run_config(run, meta)
     cfg = from_dict(cfg_dict)
@@ -94,7 +91,15 @@ def export_run(run_dir: str | Path, out: str | Path, *, weights: str = "ema",
                             which=WEIGHTS[weights])
     info = {"bitgen_version": __version__, "step": step, "task": cfg.task,
             "vocab_size": vocab_size, "weights": weights}
-    return write_model_folder(out, cfg_dict, jax.device_get(params), tokenizer_dir, info)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = run / TOKENIZER_DIR
+        if not tokenizer_dir.is_dir():  # an older run: the pipeline rebuilt from its config
+            tokenizer_dir = run_text(cfg, run).save(Path(tmp) / TOKENIZER_DIR)
+        folder = write_model_folder(out, cfg_dict, jax.device_get(params), tokenizer_dir, info)
+    table = latest_entropy_table_path(run, step)
+    if table is not None:
+        shutil.copyfile(table, folder / TABLE_FILE)
+    return folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,5 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.out, weights=args.weights, step=args.step)
-    print(f"wrote model folder {out} (config.json, {TOKENIZER_DIR}/, model.safetensors, README.md)")
+    extra = f", {TABLE_FILE}" if (out / TABLE_FILE).is_file() else ""
+    print(f"wrote model folder {out} (config.json, {TOKENIZER_DIR}/, model.safetensors{extra}, "
+          "README.md)")
     return 0

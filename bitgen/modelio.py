@@ -13,6 +13,7 @@ A **model folder** (``bitgen export RUN OUT``) is::
     OUT/config.json         the run's ExperimentConfig as JSON
     OUT/tokenizer/          a copy of <run>/tokenizer/ (the run's text pipeline)
     OUT/model.safetensors   the weights (EMA by default)
+    OUT/entropy_table.npz   the run's entropy table at that step (CoBit runs that have one)
     OUT/README.md           a short model card
 
 ``read_params_file`` checks names, shapes and dtypes against the abstract parameter tree of the
@@ -37,6 +38,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 CARD_FILE = "README.md"
+TABLE_FILE = "entropy_table.npz"
 _CONFIG_ENTRY = "__model_config__"
 
 # A block parameter that is missing or extra means another number of blocks.

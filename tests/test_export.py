@@ -15,7 +15,9 @@ from bitgen.checkpoint import restore_params
 from bitgen.cli import main
 from bitgen.config import ModelConfig, load_config
 from bitgen.diffusion.denoiser import param_shapes
+from bitgen.loading import latest_entropy_table_path
 from bitgen.modelio import (
+    TABLE_FILE,
     ConversionError,
     flatten_tree,
     is_model_folder,
@@ -107,18 +109,23 @@ def test_unreadable_params_files_are_one_line_errors(tmp_path, name, data, patte
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 3-step tiny CoBit run with a stand-in text pipeline folder (<run>/tokenizer/)."""
+    """A 3-step tiny CoBit run (it keeps its text pipeline in <run>/tokenizer/)."""
     cfg = load_config("demo_cpu", TINY)
     run = tmp_path_factory.mktemp("run")
     train(cfg, run, progress=False)
-    (run / "tokenizer").mkdir()
-    (run / "tokenizer" / "tokenizer.json").write_text('{"stand-in": true}')
     return cfg, run
+
+
+def _same_files(a, b) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def test_export_writes_a_folder_whose_weights_equal_the_checkpoint(trained, tmp_path, capsys):
     cfg, run = trained
     target = abstract_params(cfg)
+    table = latest_entropy_table_path(run, 3)
     for weights, entry in (("ema", "ema_params"), ("raw", "params")):
         out = tmp_path / weights
         argv = ["export", str(run), str(out)] + ([] if weights == "ema" else ["--weights", "raw"])
@@ -128,7 +135,10 @@ def test_export_writes_a_folder_whose_weights_equal_the_checkpoint(trained, tmp_
         assert folder.config == json.loads((run / "config.json").read_text())
         assert folder.meta["step"] == "3" and folder.meta["task"] == "cobit"
         assert folder.meta["weights"] == weights
-        assert (folder.tokenizer / "tokenizer.json").read_text() == '{"stand-in": true}'
+        assert _same_files(folder.tokenizer, run / "tokenizer")
+        assert (out / TABLE_FILE).is_file() == (table is not None)
+        if table is not None:
+            assert (out / TABLE_FILE).read_bytes() == table.read_bytes()
         assert "bitgen sample --model-dir" in (out / "README.md").read_text()
         expected = jax.device_get(restore_params(run / "checkpoints", target, which=entry))
         assert_trees_equal(read_params_file(folder.weights, target), expected)
@@ -152,8 +162,34 @@ def test_export_failures_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert "not an empty directory" in _one_line_error(capsys, run, tmp_path / "full")
+    assert "holds one set of weights" in _sample_error(capsys, tmp_path)
+
+
+def _sample_error(capsys, tmp_path) -> str:
+    (tmp_path / "m").mkdir()
+    assert main(["sample", "--model-dir", str(tmp_path / "m"), "--step", "3"]) == 2
+    return capsys.readouterr().err
+
+
+def test_a_run_without_a_saved_pipeline_exports_it_rebuilt(trained, tmp_path):
+    """Runs trained before runs kept tokenizer/: export rebuilds it from the config (and the
+    run's pinned code map), and it equals the one a new run saves."""
+    _, run = trained
     old_run = tmp_path / "old_run"
     old_run.mkdir()
     (old_run / "checkpoints").symlink_to(run / "checkpoints")
-    assert "re-save it" in _one_line_error(capsys, old_run, tmp_path / "out2")
-    assert not (tmp_path / "out2").exists()
+    assert main(["export", str(old_run), str(tmp_path / "out")]) == 0
+    assert _same_files(tmp_path / "out" / "tokenizer", run / "tokenizer")
+
+
+def test_an_exported_folder_samples_like_its_run(trained, tmp_path):
+    _, run = trained
+    assert main(["export", str(run), str(tmp_path / "folder")]) == 0
+    sampled = {}
+    for flag, source in (("--run-dir", run), ("--model-dir", tmp_path / "folder")):
+        out = tmp_path / f"{flag[2:]}.txt"
+        assert main(["sample", flag, str(source), "--num", "3", "--seed", "1", "--out", str(out),
+                     "sampler.grid=karras", "sampler.nfe=4", "--no-progress"]) == 0
+        sampled[flag] = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["bits"] for r in sampled["--run-dir"]] == [r["bits"] for r in sampled["--model-dir"]]
+    assert [r["text"] for r in sampled["--run-dir"]] == [r["text"] for r in sampled["--model-dir"]]
