@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bitgen.train.cli", "train a CoBit model (or the AR baseline with task=ar)"),
     "sample": ("bitgen.eval.sample_cli", "draw samples from a trained run (CoBit or AR) to text + JSONL"),
     "eval": ("bitgen.eval.cli", "sweep samplers x NFE x gamma: GenPPL/entropy table, CSV and frontier plot"),
+    "export": ("bitgen.export", "write a trained run as a model folder: safetensors weights, config, tokenizer"),
     "demo": ("bitgen.demo", "train CoBit, AR and an evaluator on the embedded corpus and compare them"),
     "bench": ("bitgen.bench.cli", "measure throughput, sampler overhead and head memory"),
 }

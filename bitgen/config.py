@@ -308,7 +308,10 @@ def config_diff(a: ExperimentConfig, b: ExperimentConfig, sections: tuple[str, .
     ]
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped experiment configs: bitgen/configs in a regular install or wheel (setup.py maps the
+# top-level configs/ there), else configs/ beside the package (a source checkout, editable install).
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else _PACKAGED_CONFIGS.parent.parent / "configs"
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:

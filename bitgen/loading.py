@@ -1,13 +1,22 @@
 """Load a trained model for sampling and evaluation: parameters, config, text pipeline, table.
 
-``load_model`` reads a run directory (or a checkpoints directory, or one step in it). The text
-pipeline comes from the run's ``tokenizer/`` folder (``bitgen.textcodec``), so sampling never
-rebuilds the training corpus; runs saved before runs kept it rebuild it once from their config.
-The corpus itself (``LoadedModel.rows``) is built only when asked for (held-out reference rows).
+``load_model`` reads one of
+
+* a run directory, a checkpoints directory or one step in it (orbax checkpoints);
+* a model folder written by ``bitgen export`` (config, ``tokenizer/``, ``model.safetensors``);
+* a parameter file with a config: ``.npz`` from ``bitgen convert`` (the released official weights)
+  or ``.safetensors``; the text pipeline then comes from the tokenizer files the config names.
+
+Runs and model folders carry their text pipeline (``bitgen.textcodec``), so sampling never rebuilds
+the training corpus (runs saved before runs kept it rebuild it once from their config). The corpus
+itself (``LoadedModel.rows``) is built only when asked for (held-out reference rows). Paths may be
+``hf:OWNER/NAME/FILE[@REV]`` (files) or ``hf:OWNER/NAME[@REV]`` (folders), fetched by
+``bitgen.hub``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -18,6 +27,7 @@ from typing import Any
 from bitgen.config import ExperimentConfig, apply_overrides, from_dict
 from bitgen.errors import BitgenError
 from bitgen.families import family_of
+from bitgen.hub import is_hub_spec, resolve
 from bitgen.textcodec import TextCodec, run_text_codec
 
 # Weights a checkpoint holds: the EMA shadow (default for sampling) or the raw training params.
@@ -136,48 +146,121 @@ def text_codec_from_config(cfg: ExperimentConfig) -> TextCodec:
     if data.bit_order == "frequency":
         raise DataError("data.bit_order=frequency is ranked on the training rows; set data.bit_order "
                         "to the run's id->code map (<run>/tokenizer/code_map.npy)")
-    tokenizer = load_tokenizer(data.tokenizer)
+    if data.code_tokenizer:
+        data = dataclasses.replace(data, code_tokenizer=str(_local(data.code_tokenizer)))
+    tokenizer = load_tokenizer(_local(data.tokenizer) if is_hub_spec(data.tokenizer) else data.tokenizer)
     code_tokenizer = resolve_code_tokenizer(data, tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
     return TextCodec(tokenizer, codec_for(data, vocab_size, code_tokenizer), code_tokenizer)
 
 
-def latest_entropy_table(run: Path | None, step: int | None = None):
+def _local(spec: str | Path) -> Path:
+    """A local path for ``spec`` (``hf:`` specs are fetched; plain paths must exist)."""
+    return resolve(spec) if is_hub_spec(spec) else Path(spec).expanduser()
+
+
+def latest_entropy_table_path(run: Path | None, step: int | None = None) -> Path | None:
     """The newest ``entropy_tables/entropy_table_<step>.npz`` of a run written at or before
     ``step`` (default: any), or None."""
-    from bitgen.diffusion.entropy_schedule import load_entropy_table
-
     if run is None:
         return None
     tables = sorted(p for p in (run / "entropy_tables").glob("entropy_table_*.npz")
                     if step is None or int(p.stem.rsplit("_", 1)[1]) <= step)
-    if not tables:
-        return None
-    return load_entropy_table(tables[-1])
+    return tables[-1] if tables else None
 
 
-def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, config: str | None = None,
+def latest_entropy_table(run: Path | None, step: int | None = None):
+    """The table at ``latest_entropy_table_path`` loaded, or None."""
+    from bitgen.diffusion.entropy_schedule import load_entropy_table
+
+    path = latest_entropy_table_path(run, step)
+    return None if path is None else load_entropy_table(path)
+
+
+def _table(table: str | None, default: Path | None):
+    """``--table`` (a shipped name or a path) when given, else the model's own table, or None."""
+    from bitgen.diffusion.entropy_schedule import load_entropy_table
+
+    if table:
+        return load_entropy_table(table)
+    return None if default is None else load_entropy_table(default)
+
+
+def _load_folder(spec: str, overrides: list[str], table: str | None) -> LoadedModel:
+    """A model folder written by ``bitgen export``."""
+    from bitgen.modelio import TABLE_FILE, open_model_folder, read_params_file
+    from bitgen.train.task import abstract_params
+
+    folder = open_model_folder(_local(spec))
+    cfg = apply_overrides(from_dict(folder.config), list(overrides))
+    text = TextCodec.load(folder.tokenizer)
+    family_of(cfg).check(cfg, text)
+    params = read_params_file(folder.weights, abstract_params(cfg, vocab_size=text.vocab_size))
+    own_table = folder.root / TABLE_FILE
+    return LoadedModel(cfg, params, text, _table(table, own_table if own_table.is_file() else None),
+                       int(folder.meta.get("step", 0)), str(folder.root))
+
+
+def _load_params_file(spec: str, config: str | None, overrides: list[str],
+                      table: str | None) -> LoadedModel:
+    """A parameter file (``bitgen convert``'s .npz, or .safetensors) with the config it belongs to."""
+    from bitgen.config import load_config
+    from bitgen.modelio import read_params_file
+    from bitgen.train.task import abstract_params
+
+    if not config:
+        raise SampleError("--params needs --config naming the model's settings (e.g. --config "
+                          "cobit_s_owt for the released CoBit-S OWT weights)")
+    cfg = load_config(config, list(overrides))
+    text = text_codec_from_config(cfg)
+    family_of(cfg).check(cfg, text)
+    params = read_params_file(_local(spec), abstract_params(cfg, vocab_size=text.vocab_size))
+    return LoadedModel(cfg, params, text, _table(table, None), 0, str(spec))
+
+
+def load_model(run_dir: str | None = None, checkpoint: str | None = None, *,
+               model_dir: str | None = None, params: str | None = None, config: str | None = None,
                overrides: list[str] = (), table: str | None = None, weights: str = "ema",
                step: int | None = None) -> LoadedModel:
-    """Restore the parameters of a run or a checkpoint directory for sampling.
+    """Restore a model for sampling from exactly one of ``run_dir``, ``checkpoint``, ``model_dir``
+    or ``params`` (with ``config``).
 
     step: the checkpoint step to read (default: the newest; a damaged newest step is skipped,
     with a warning, for the newest good one). The weights are verified against their checksums.
-    overrides: ``sampler.*`` and ``family.*`` only (the model must match the checkpoint).
-    table: a shipped table name or path; default the run's newest entropy table.
+    weights: ``ema`` or ``raw`` (checkpoints hold both; files and folders hold one set).
+    overrides: ``sampler.*`` and ``family.*`` only (the model must match its weights); with
+    ``params`` any ``section.field=value`` (the config is the only source of the settings).
+    table: a shipped table name or path; default the run's (or folder's) newest entropy table.
     """
-    from bitgen.checkpoint import DamagedCheckpointError, restore_params
-    from bitgen.diffusion.entropy_schedule import load_entropy_table
-    from bitgen.train.task import abstract_params
-
-    if bool(run_dir) == bool(checkpoint):
-        raise SampleError("give exactly one of --run-dir or --checkpoint")
+    sources = [name for name, value in (("--run-dir", run_dir), ("--checkpoint", checkpoint),
+                                        ("--model-dir", model_dir), ("--params", params)) if value]
+    if len(sources) != 1:
+        raise SampleError("give exactly one of --run-dir, --checkpoint, --model-dir or --params")
     if weights not in WEIGHTS:
         raise SampleError(f"weights={weights!r} is not one of {sorted(WEIGHTS)}")
+    if (model_dir or params) and (step is not None or weights != "ema"):
+        raise SampleError(f"{sources[0]} holds one set of weights: --step and --weights apply to "
+                          "run and checkpoint directories only")
+    if params:
+        return _load_params_file(params, config, list(overrides), table)
     bad = [o for o in overrides if not o.startswith(("sampler.", "family."))]
     if bad:
         raise SampleError(f"only sampler.* and family.* overrides apply to a trained model, got "
                           f"{bad}; the model and diffusion settings come from the checkpoint")
+    if model_dir:
+        if config:
+            raise SampleError("--model-dir carries its config; drop --config")
+        return _load_folder(model_dir, list(overrides), table)
+    return _load_checkpoint(run_dir, checkpoint, config, list(overrides), table, weights, step)
+
+
+def _load_checkpoint(run_dir: str | None, checkpoint: str | None, config: str | None,
+                     overrides: list[str], table: str | None, weights: str,
+                     step: int | None) -> LoadedModel:
+    """A run directory, a checkpoints directory or one step directory in it."""
+    from bitgen.checkpoint import DamagedCheckpointError, restore_params
+    from bitgen.train.task import abstract_params
+
     ckpt_dir, path_step, run = _checkpoint_location(run_dir, checkpoint)
     if step is not None and path_step is not None and step != path_step:
         raise SampleError(f"--step {step} disagrees with the step directory {checkpoint}; give one")
@@ -202,5 +285,5 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *, con
                 raise
             logging.getLogger(__name__).warning("skipping step %d: %s; reading step %d instead",
                                                 step, err, candidates[k + 1])
-    entropy_table = load_entropy_table(table) if table else latest_entropy_table(run, step)
-    return LoadedModel(cfg, params, text, entropy_table, step, str(ckpt_dir / str(step)), run)
+    return LoadedModel(cfg, params, text, _table(table, latest_entropy_table_path(run, step)), step,
+                       str(ckpt_dir / str(step)), run)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
 import pytest
 
+from tokenizers import Tokenizer
+
 from bitgen import cli
+from bitgen.codecs import BitCodec
 from bitgen.config import ConfigError, ModelConfig
-from bitgen.convert import (
+from bitgen.convert import load_official_state_dict
+from bitgen.modelio import ConversionError, load_params
+from bitgen.official import (
     FREQ_KEY,
-    ConversionError,
     bitgen_to_official_name,
     expected_official_shapes,
     from_official,
     infer_model_config,
-    load_official_state_dict,
-    load_params,
     model_config_from_official,
     official_to_bitgen_name,
     to_official,
@@ -207,3 +210,95 @@ def test_damaged_pytorch_files_are_not_sent_to_allow_pickle(tmp_path):
             with pytest.raises(ConversionError, match="damaged") as info:
                 load_official_state_dict(tmp_path / name, allow_pickle=allow_pickle)
             assert "--allow-pickle" not in str(info.value)
+
+
+def test_official_pt_converts_through_the_cli_and_reads_back_against_the_run_config(tmp_path, capsys):
+    """A small official-format .pt (official names, PyTorch layouts, top-level EMA state dict as
+    released) -> `bitgen convert` -> read_params_file against the abstract params of a full config."""
+    torch = pytest.importorskip("torch")
+    from bitgen.config import load_config
+    from bitgen.modelio import flatten_tree, read_params_file
+    from bitgen.train.task import abstract_params
+    from test_train_loop import TINY
+
+    cfg = load_config("demo_cpu", TINY)
+    state = official_state(cfg.model, seed=5)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "cobit.pt")
+    params_file = tmp_path / "cobit.npz"
+    assert cli.main(["convert", str(tmp_path / "cobit.pt"), str(params_file),
+                     "--n-heads", str(cfg.model.n_heads), "--seq-tokens", str(cfg.model.seq_tokens)]) == 0
+    assert "wrote bitgen params" in capsys.readouterr().out
+    params = read_params_file(params_file, abstract_params(cfg))
+    expected = flatten_tree(from_official(state, cfg.model))
+    got = flatten_tree(params)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg="/".join(key))
+
+
+def _word_tokenizer(path, size: int):
+    """A word-level tokenizer of ``size`` ids (``w0`` ... and the words of ``words``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
+    vocab = {w: i for i, w in enumerate(words)} | {f"w{i}": i for i in range(len(words), size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w8"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_released_weights_sample_and_score_through_the_cli(tmp_path, capsys):
+    """The released-checkpoint recipe at toy size: official .pt -> `bitgen convert` -> `bitgen
+    sample --params --config` (text pipeline from the files the config names, no corpus) ->
+    `bitgen eval --params` scored by a GPT-2 evaluator from local files."""
+    torch = pytest.importorskip("torch")
+    from bitgen.config import load_config, to_dict
+    from bitgen.nn.gpt2 import load_gpt2
+    from test_gpt2 import random_state_dict, write_safetensors
+    from test_train_loop import TINY
+
+    # 5000 ids -> P = 13, demo_cpu's patch size; raw codes (a frequency map needs the corpus).
+    tokenizer = _word_tokenizer(tmp_path / "tokenizer.json", 5000)
+    cfg = load_config("demo_cpu", [*TINY, f"data.tokenizer={tokenizer}", "data.bit_order=raw",
+                                   "sampler.grid=karras", "sampler.nfe=4", "sampler.batch_size=2"])
+    config = tmp_path / "cobit_tiny.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    state = official_state(cfg.model, seed=7)
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "cobit.pt")
+    params = tmp_path / "cobit.npz"
+    assert cli.main(["convert", str(tmp_path / "cobit.pt"), str(params), "--n-heads",
+                     str(cfg.model.n_heads), "--seq-tokens", str(cfg.model.seq_tokens)]) == 0
+
+    out = tmp_path / "samples.txt"
+    assert cli.main(["sample", "--params", str(params), "--config", str(config), "--num", "3",
+                     "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(records) == 3 and records[0]["settings"]["grid"] == "karras"
+    for r in records:  # each text is the tokenizer's decoding of the sample's own bits
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(r["bits"]), np.uint8))[: 13 * 16]
+        ids = BitCodec(5000).decode(bits).ids.tolist()
+        assert r["ids"] == ids
+        assert r["text"] == Tokenizer.from_file(str(tokenizer)).decode(ids, skip_special_tokens=False)
+
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2_dir.mkdir()
+    weights = random_state_dict(seed=3)
+    write_safetensors(gpt2_dir, weights | {"lm_head.weight": weights["transformer.wte.weight"]})
+    _word_tokenizer(gpt2_dir / "tokenizer.json", load_gpt2(gpt2_dir)[1].vocab_size)
+    evaluated = tmp_path / "eval"
+    capsys.readouterr()
+    assert cli.main(["eval", "--params", str(params), "--config", str(config), "--evaluator",
+                     f"gpt2:{gpt2_dir}", "--num", "2", "--reference-num", "0", "--out-dir",
+                     str(evaluated), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (evaluated / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["cobit"] and np.isfinite(rows[0]["genppl"])
+
+
+def test_params_need_a_config_and_a_pipeline_named_by_file(tmp_path, capsys):
+    params = tmp_path / "p.npz"
+    params.write_bytes(b"")
+    assert cli.main(["sample", "--params", str(params)]) == 2
+    assert "--params needs --config" in capsys.readouterr().err
+    assert cli.main(["sample", "--params", str(params), "--config", "demo_cpu"]) == 2
+    assert "data.tokenizer=bpe is trained on the corpus" in capsys.readouterr().err

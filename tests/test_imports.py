@@ -6,9 +6,6 @@ inside a function, under ``if``). ``from bitgen.pkg import name`` points at ``bi
 when that is a module, else at ``bitgen.pkg`` (its ``__init__``, a module like any other). The
 implicit import of a package's ``__init__`` when one of its submodules is imported is not an edge:
 a package that re-exports its submodules would otherwise be a cycle by construction.
-
-Known violations that another session is fixing are listed below, each with its reason and owner.
-An entry that no longer matches a violation fails the test: delete it when the fix lands.
 """
 
 from __future__ import annotations
@@ -19,14 +16,6 @@ from pathlib import Path
 PACKAGE = "bitgen"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_MODULE_LINES = 400
-
-# (importer, imported) edges left out of the cycle and layering checks until their fix lands.
-ALLOWED_IMPORTS: dict[tuple[str, str], str] = {
-}
-# Modules over MAX_MODULE_LINES until their split lands (path relative to the repository root).
-ALLOWED_LONG_MODULES: dict[str, str] = {
-    "bitgen/convert.py": "the release helper splits it",
-}
 
 
 def module_name(path: Path) -> str:
@@ -66,10 +55,6 @@ def imports_of(module: str) -> set[str]:
 
 
 GRAPH: dict[str, set[str]] = {m: imports_of(m) for m in MODULES}
-
-
-def _without_allowed(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {m: {t for t in targets if (m, t) not in ALLOWED_IMPORTS} for m, targets in graph.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -154,27 +139,19 @@ def test_find_cycles_reports_the_path():
 
 
 def test_no_import_cycles():
-    cycles = find_cycles(_without_allowed(GRAPH))
+    cycles = find_cycles(GRAPH)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_layering():
-    bad = layering_violations(_without_allowed(GRAPH))
+    bad = layering_violations(GRAPH)
     assert not bad, "layering violations:\n" + "\n".join(bad)
-
-
-def test_allowed_imports_are_still_needed():
-    stale = [f"{a} -> {b}" for a, b in ALLOWED_IMPORTS if b not in GRAPH.get(a, set())]
-    assert not stale, "fixed; delete from ALLOWED_IMPORTS: " + ", ".join(stale)
 
 
 def test_module_sizes():
     lines = {str(p.relative_to(ROOT.parent)): len(p.read_text().splitlines()) for p in MODULES.values()}
-    too_long = [f"{path}: {n} lines" for path, n in sorted(lines.items())
-                if n > MAX_MODULE_LINES and path not in ALLOWED_LONG_MODULES]
-    stale = [path for path in ALLOWED_LONG_MODULES if lines.get(path, 0) <= MAX_MODULE_LINES]
+    too_long = [f"{path}: {n} lines" for path, n in sorted(lines.items()) if n > MAX_MODULE_LINES]
     assert not too_long, f"over {MAX_MODULE_LINES} lines; split by job: " + ", ".join(too_long)
-    assert not stale, "short now (or gone); delete from ALLOWED_LONG_MODULES: " + ", ".join(stale)
 
 
 def _reachable(graph: dict[str, set[str]], module: str) -> set[str]:

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bitgen.eval.sample_cli import add_model_arguments
+from bitgen.eval.sample_cli import add_model_arguments, add_override_argument, load_model_from_args
 
 
 def _floats(text: str) -> list[float]:
@@ -36,6 +36,7 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_override_argument(parser)
     parser.add_argument("--evaluator", required=True,
                         help="GenPPL evaluator: an AR run directory (task=ar), gpt2:DIR, or none "
                              "(only draw and cache the samples, to score later)")
@@ -65,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the training unigram distribution, decoded and scored like samples")
     parser.add_argument("--ar-run", help="also score an AR baseline run at --ar-temperatures")
     parser.add_argument("--ar-temperatures", type=_floats, default=[1.0])
-    parser.add_argument("--out-dir", help="output directory (default: <run-dir>/eval)")
+    parser.add_argument("--out-dir", help="output directory (default: <run-dir>/eval, ./eval "
+                                          "without a run)")
 
 
 def _config_seeds(text: str) -> list[int]:
@@ -110,12 +112,11 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     )
     from bitgen.loading import load_model
 
-    model = load_model(args.run_dir, args.checkpoint, config=args.config, table=args.table,
-                       weights=args.weights, step=args.step)
+    model = load_model_from_args(args)
     log(f"model: {model.source} (step {model.step})")
     args = protocol(args, model.cfg.eval)
     points = parse_sweep(args.sweep)
-    out_dir = Path(args.out_dir or Path(args.run_dir or args.checkpoint) / "eval")
+    out_dir = Path(args.out_dir) if args.out_dir else (model.run / "eval" if model.run else Path("eval"))
     results = out_dir / "results.jsonl"
     log(f"evaluator: {args.evaluator}")
     evaluator = (None if args.evaluator == "none"

@@ -31,8 +31,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="a training run directory (latest checkpoint)")
     source.add_argument("--checkpoint", help="a checkpoints directory or one <step> directory in it")
+    source.add_argument("--model-dir", help="a model folder written by `bitgen export` (or hf:OWNER/NAME)")
+    source.add_argument("--params", help="a parameter file: .npz from `bitgen convert` (e.g. the released "
+                                         "CoBit weights) or .safetensors, with --config")
     parser.add_argument("--step", type=int, help="checkpoint step to read (default: the newest good one)")
-    parser.add_argument("--config", help="config name/path (default: the run's config.json)")
+    parser.add_argument("--config", help="config name/path (default: the run's config.json; "
+                                         "required with --params)")
     parser.add_argument("--table", help="entropy table: lm1b | owt | owt_medium | .npz | directory "
                                         "(default: the run's newest entropy table)")
     parser.add_argument("--weights", choices=sorted(WEIGHTS), default="ema",
@@ -44,21 +48,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="sampler.* / family.* overrides, e.g. sampler.name=heun sampler.nfe=128 "
+                             "(with --params: any config key, e.g. data.tokenizer=PATH)")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """``bitgen.loading.load_model`` with the options of ``add_model_arguments``."""
+    return load_model(args.run_dir, args.checkpoint, model_dir=args.model_dir, params=args.params,
+                      config=args.config, overrides=args.overrides, table=args.table,
+                      weights=args.weights, step=args.step)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("overrides", nargs="*", metavar="sampler.field=value",
-                        help="sampler (or family) overrides, e.g. sampler.name=heun sampler.nfe=128")
+    add_override_argument(parser)
     parser.add_argument("--num", type=int, default=16, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="text output; the JSONL goes next to it "
-                                      "(default: <run>/samples/<step>_seed<S>.txt)")
+    parser.add_argument("--out", help="text output; the JSONL goes next to it (default: "
+                                      "<run>/samples/<step>_seed<S>.txt, ./samples/... without a run)")
 
 
 def run(args: argparse.Namespace) -> int:
     from bitgen.checkpoint import PreemptionFlag
 
-    model = load_model(args.run_dir, args.checkpoint, config=args.config, overrides=args.overrides,
-                       table=args.table, weights=args.weights, step=args.step)
+    model = load_model_from_args(args)
     print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
           file=sys.stderr)
     start = time.perf_counter()
@@ -68,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     temperature, top_p = sampling_options(model, args.temperature, args.top_p)
     settings = sampler_settings_dict(model, model.cfg.sampler, temperature=temperature, top_p=top_p)
     out = Path(args.out) if args.out else (
-        Path(model.source).parent.parent / "samples" / f"{model.step}_seed{args.seed}.txt")
+        (model.run / "samples" if model.run else Path("samples")) / f"{model.step}_seed{args.seed}.txt")
     jsonl = write_samples(samples, out, settings)
     print(f"bitgen sample: wrote {len(samples)} samples to {out} and {jsonl} "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)

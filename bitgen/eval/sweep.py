@@ -208,8 +208,8 @@ def evaluator_dtype(dtype: str = "auto") -> str:
 
 
 def load_evaluator(spec: str, dtype: str = "auto") -> Evaluator:
-    """``gpt2:DIR`` (HF GPT-2 config.json + weights + tokenizer.json, local files) or an AR run
-    directory (scored in its own compute dtype).
+    """``gpt2:DIR`` (HF GPT-2 config.json + weights + tokenizer.json, local files; or
+    ``gpt2:hf:OWNER/NAME[@REV]``, fetched) or an AR run directory (scored in its own compute dtype).
 
     ``dtype`` (gpt2:DIR only, see ``evaluator_dtype``): bfloat16 holds the weights and runs the
     matmuls in bf16 as the reference's ``hf_dtype=bfloat16`` evaluator; float32 keeps full precision.
@@ -219,7 +219,11 @@ def load_evaluator(spec: str, dtype: str = "auto") -> Evaluator:
     if spec.startswith("gpt2:"):
         from bitgen.nn import gpt2
 
+        from bitgen.hub import is_hub_spec, resolve
+
         model_dir = spec.removeprefix("gpt2:")
+        if is_hub_spec(model_dir):  # gpt2:hf:OWNER/NAME[@REV]: the snapshot's local folder
+            model_dir = resolve(model_dir)
         dtype = evaluator_dtype(dtype)
         try:
             params, cfg = gpt2.load_gpt2(model_dir, compute_dtype=dtype)

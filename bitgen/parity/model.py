@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitgen.config import ModelConfig
-from bitgen.convert import (
+from bitgen.official import (
     from_official,
     model_config_from_official,
     official_to_bitgen_name,
