@@ -42,7 +42,10 @@ Draw = Callable[[Any, jax.Array, int], jax.Array]
 class Family(Protocol):
     """name: the ``task`` value. options: the dataclass of the family's own config section
     (``ExperimentConfig.family``), or None when it has none. sweeps_sampler: whether an operating
-    point is a set of ``sampler.*`` settings (else the sampling temperature)."""
+    point is a set of ``sampler.*`` settings (else the sampling temperature).
+
+    Optional: ``sequence_scorer(model) -> (score(ids, mask), vocab_size, window)`` for a family
+    whose runs can score text as GenPPL evaluators (the AR baseline)."""
 
     name: str
     options: type | None
