@@ -43,6 +43,16 @@ from bitgen.preemption import PreemptionFlag as PreemptionFlag  # re-exported fo
 
 log = logging.getLogger(__name__)
 
+
+def _not_a_read_only_notice(record: logging.LogRecord) -> bool:
+    """False for orbax's notices that a manager opened read-only (for sampling) is read-only:
+    three WARNING lines per restore that tell the user nothing."""
+    message = record.getMessage()
+    return "read_only=True" not in message and "is read only" not in message
+
+
+logging.getLogger("absl").addFilter(_not_a_read_only_notice)
+
 # Sections whose differences make a checkpoint meaningless for a config; keys listed in
 # EXECUTION_ONLY_KEYS change how the same function is computed, not the function, so they may differ.
 COMPATIBILITY_SECTIONS = ("model", "diffusion")

@@ -213,3 +213,15 @@ def test_set_aside_renames_and_frees_the_step_number(tmp_path, setup):
     assert ckpt.save(2, state, metadata={"config": to_dict(setup.cfg)}, force=True)
     ckpt.close()
     assert Checkpointer(tmp_path, save_every=1, keep=3).steps() == [1, 2]
+
+
+def test_read_only_notices_of_orbax_are_dropped_and_other_warnings_kept(caplog):
+    """Sampling opens checkpoints read-only; orbax's three notices about that are not shown."""
+    import logging
+
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl.warning("CheckpointManagerOptions.read_only=True, setting create=False.")
+        absl.warning("Given directory is read only=/runs/x/checkpoints")
+        absl.warning("a checkpoint step was skipped")
+    assert [r.getMessage() for r in caplog.records] == ["a checkpoint step was skipped"]
