@@ -120,6 +120,13 @@ def generate_prompted(model: LoadedModel, prompts: list[PromptLayout], num: int,
     return samples
 
 
+def not_beginning_with_prompt(samples: list[Sample]) -> list[Sample]:
+    """Prefix-prompted samples whose text does not begin with their prompt although their ids do:
+    a decoder that rewrites a token by the ones after it joined the prompt's end to the next
+    token (``bitgen.prompts``, "Begins with"). Pass samples of prefix prompts only."""
+    return [s for s in samples if s.prompt is not None and not s.text.startswith(s.prompt)]
+
+
 def write_samples(samples: list[Sample], out: Path, settings: dict[str, Any]) -> Path:
     """Write ``out`` (text blocks) and ``out`` with suffix .jsonl; returns the JSONL path."""
     out.parent.mkdir(parents=True, exist_ok=True)

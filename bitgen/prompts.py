@@ -9,8 +9,10 @@ whitespace cleanup) cannot reproduce every text, and the message names the form 
 
 "Begins with". A sample's ids begin with the prompt's ids exactly (CoBit clamps their bits, AR
 feeds them as the prefix). Its text, the decoded row, then begins with TEXT whenever the
-tokenizer's decoder concatenates token strings (byte-level BPE, the code tokenizer); a WordPiece
-decoder's cleanup can join the prompt's last token to the next one (``it '`` + ``s`` -> ``it's``).
+tokenizer's decoder writes each token independently of the tokens after it: byte-level BPE (the
+prompt's bytes are whole characters), the code tokenizer, and WordPiece, whose cleanup acts per
+token in tokenizers 0.23. ``bitgen sample`` warns about any sample whose decoder joined across the
+prompt's end anyway (``bitgen.generation.not_beginning_with_prompt``).
 
 Infill syntax. ``[GAP:N]`` (N >= 1) in the text stands for N generated tokens; the text around
 the markers is known. Each known segment is encoded on its own (so write the spaces you want on

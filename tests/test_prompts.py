@@ -112,6 +112,24 @@ def test_a_normalising_tokenizer_refuses_what_it_cannot_reproduce(tmp_path):
         prefix_prompt(text, "The Cat", SEQ_TOKENS)
 
 
+def test_a_wordpiece_decoder_decodes_the_prompt_tokens_independently_of_the_next(tmp_path):
+    """Why "begins with" holds for WordPiece too: its cleanup acts per token (tokenizers 0.23), so
+    tokens after the prompt cannot rewrite it; ``not_beginning_with_prompt`` reports a decoder
+    that would."""
+    from bitgen.generation import Sample, not_beginning_with_prompt
+    from bitgen.tokenizers import load_tokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "it", "'", "s", ".", "##s"]) + "\n")
+    text = TextCodec(load_tokenizer(vocab, lowercase=True), BitCodec(9))
+    layout = prefix_prompt(text, "it '", SEQ_TOKENS)
+    for next_id in range(4, 9):
+        assert text.decode_ids([*layout.ids.tolist(), next_id]).startswith("it '")
+    samples = [Sample("it's", (4, 5, 6), "", 0, 0, 0, "it '"), Sample("it ' s", (4, 5, 6), "", 0, 0, 1, "it '"),
+               Sample("it", (4,), "", 0, 0, 2, None)]
+    assert [s.index for s in not_beginning_with_prompt(samples)] == [0]
+
+
 # --------------------------------------------------------------------------------------------------
 # Library: generate(..., prompt=layout)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from bitgen.generation import (
     generate,
     generate_prompted,
+    not_beginning_with_prompt,
     sampler_settings_dict,
     sampling_options,
     write_samples,
@@ -81,7 +82,8 @@ def load_model_from_args(args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_override_argument(parser)
-    parser.add_argument("--num", type=int, default=16, help="number of samples")
+    parser.add_argument("--num", type=int, default=16,
+                        help="number of samples (per prompt with --prompt, --prompts or --infill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="text output; the JSONL goes next to it (default: "
                                       "<run>/samples/<step>_seed<S>.txt, ./samples/... without a run)")
@@ -121,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     jsonl = write_samples(samples, out, settings)
     print(f"bitgen sample: wrote {len(samples)} samples to {out} and {jsonl} "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    joined = [] if args.infill else not_beginning_with_prompt(samples)
+    if joined:
+        print(f"bitgen sample: warning: {len(joined)} samples (first: {joined[0].index}) begin with "
+              "the prompt's tokens but the tokenizer's decoder joined its last token to the next, so "
+              "their text does not begin with the prompt", file=sys.stderr)
     if flag.requested:
         print("bitgen sample: stopped early by a signal; the file holds the samples drawn so far",
               file=sys.stderr)
