@@ -67,6 +67,30 @@ def test_prefix_layout_is_the_tokenizer_encoding_and_its_bits(cobit_model, promp
     assert not bits[len(ids) * WIDTH:].any()
 
 
+@given(prompt=_short_prompts())
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_prompts_through_a_code_tokenizer_round_trip(cobit_model, code_text, prompt):
+    layout = prefix_prompt(code_text, prompt, 64)
+    base = cobit_model.text.tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert code_text.code_tokenizer.decode_codes(layout.ids) == base
+    assert code_text.decode_bits(code_text.codec.ids_to_bits(layout.ids)[None])[0].text == prompt
+
+
+@pytest.fixture(scope="module")
+def code_text(cobit_model):
+    """The fixture BPE with a second-stage code tokenizer trained on corpus sentences."""
+    from bitgen.tokenizers import train_code_tokenizer, vocab_size_of
+
+    base = cobit_model.text.tokenizer
+    lines = [f"the {w} cat sat on mat number {i} while {w} dogs ran." for i in range(50) for w in WORDS[1:4]]
+    windows = [base.encode(line).ids for line in lines]
+    base_vocab = vocab_size_of(base)
+    code = train_code_tokenizer(windows, base_vocab_size=base_vocab, code_vocab_size=base_vocab + 40,
+                                base_eos_id=cobit_model.text.separator_id)
+    codec = BitCodec(code.code_vocab_size, policy="stop", stop_ids=code.stop_ids, pad_id=code.pad_id)
+    return TextCodec(base, codec, code)
+
+
 def test_infill_layout_keeps_segments_and_gaps(cobit_model):
     text = cobit_model.text
     layout = infill_prompt(text, "the red[GAP:2] sat[GAP:1]", SEQ_TOKENS)
