@@ -3,7 +3,10 @@ and the demo share.
 
 ``generate`` asks the model's family for its sampler and decoder, so it holds no per-family code.
 A sample file is text blocks (``=== i ===`` then the text) with a JSONL twin holding one record per
-sample (text, ids, packed bits as hex, invalid-code count, seed, settings).
+sample (text, ids, packed bits as hex, invalid-code count, seed, prompt, settings).
+
+Prompted sampling (``bitgen.prompts``): ``generate(..., prompt=layout)`` draws rows whose first
+tokens are the prompt's; ``generate_prompted`` draws ``num`` samples for each of several prompts.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import numpy as np
 
 from bitgen.config import SamplerConfig
 from bitgen.loading import LoadedModel, SampleError
+from bitgen.prompts import PromptLayout
 
 
 @dataclass(frozen=True)
 class Sample:
     """One generated sequence. ids: token ids at the decoded length; bits_hex: the packed raw bits
-    (MSB-first; "" for families that generate ids); n_invalid: codes naming no token."""
+    (MSB-first; "" for families that generate ids); n_invalid: codes naming no token; prompt: the
+    prompt or infill text as given (gap markers included), None when drawn unprompted."""
 
     text: str
     ids: tuple[int, ...]
@@ -30,6 +35,7 @@ class Sample:
     n_invalid: int
     seed: int
     index: int
+    prompt: str | None = None
 
 
 def sampling_options(model: LoadedModel, temperature: float | None,
@@ -49,20 +55,23 @@ def sampler_settings_dict(model: LoadedModel, sampler_cfg: SamplerConfig, *, tem
             "step": model.step}
 
 
-def decode_samples(model: LoadedModel, out: np.ndarray, *, seed: int, start: int) -> list[Sample]:
+def decode_samples(model: LoadedModel, out: np.ndarray, *, seed: int, start: int,
+                   prompt: str | None = None) -> list[Sample]:
     """Raw sampler output (bits [B,S] or ids [B,T], per family) -> Samples with text (spec §5.4)."""
-    return [Sample(d.text, d.ids, bits_hex, d.n_invalid, seed, start + r)
+    return [Sample(d.text, d.ids, bits_hex, d.n_invalid, seed, start + r, prompt)
             for r, (d, bits_hex) in enumerate(model.family.decode(out, model.text))]
 
 
 def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig | None = None, *,
              temperature: float | None = None, top_p: float | None = None, flag=None,
-             progress: bool = True) -> list[Sample]:
+             progress: bool = True, prompt: PromptLayout | None = None,
+             first_index: int = 0) -> list[Sample]:
     """Draw ``num`` samples in micro-batches of ``sampler.batch_size``.
 
     Micro-batch k uses ``fold_in(key(seed), k)``, so the first n samples do not depend on ``num``.
     ``flag`` (a PreemptionFlag) is polled between micro-batches; when set, the samples drawn so
-    far are returned.
+    far are returned. ``prompt``: every row starts with its given tokens (``bitgen.prompts``).
+    Sample indices count from ``first_index``.
     """
     import jax
 
@@ -71,7 +80,9 @@ def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig
     sampler_cfg = sampler_cfg or model.cfg.sampler
     temperature, top_p = sampling_options(model, temperature, top_p)
     batch = sampler_cfg.batch_size
-    draw = model.family.draw(model, sampler_cfg, temperature=temperature, top_p=top_p)
+    prompted = {} if prompt is None else {"prompt": prompt}
+    draw = model.family.draw(model, sampler_cfg, temperature=temperature, top_p=top_p, **prompted)
+    label = None if prompt is None else prompt.text
     root = jax.random.key(seed)
     bar = None
     if progress:
@@ -84,13 +95,36 @@ def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig
             if flag is not None and flag.requested:
                 break
             out = np.asarray(jax.device_get(draw(model.params, jax.random.fold_in(root, k), batch)))
-            samples.extend(decode_samples(model, out, seed=seed, start=k * batch)[: num - len(samples)])
+            samples.extend(decode_samples(model, out, seed=seed, start=first_index + k * batch,
+                                          prompt=label)[: num - len(samples)])
             if bar is not None:
                 bar.update(min(batch, num - k * batch))
     finally:
         if bar is not None:
             bar.close()
     return samples
+
+
+def generate_prompted(model: LoadedModel, prompts: list[PromptLayout], num: int, seed: int,
+                      sampler_cfg: SamplerConfig | None = None, *, flag=None,
+                      **options) -> list[Sample]:
+    """``num`` samples per prompt, in order, indices running across prompts. Every prompt is
+    drawn with the same ``seed``, so its samples do not depend on the other prompts. ``options``:
+    those of ``generate``."""
+    samples: list[Sample] = []
+    for prompt in prompts:
+        if flag is not None and flag.requested:
+            break
+        samples += generate(model, num, seed, sampler_cfg, flag=flag, prompt=prompt,
+                            first_index=len(samples), **options)
+    return samples
+
+
+def not_beginning_with_prompt(samples: list[Sample]) -> list[Sample]:
+    """Prefix-prompted samples whose text does not begin with their prompt although their ids do:
+    a decoder that rewrites a token by the ones after it joined the prompt's end to the next
+    token (``bitgen.prompts``, "Begins with"). Pass samples of prefix prompts only."""
+    return [s for s in samples if s.prompt is not None and not s.text.startswith(s.prompt)]
 
 
 def write_samples(samples: list[Sample], out: Path, settings: dict[str, Any]) -> Path:
@@ -101,5 +135,6 @@ def write_samples(samples: list[Sample], out: Path, settings: dict[str, Any]) ->
     with jsonl.open("w") as f:
         for s in samples:
             f.write(json.dumps({"index": s.index, "text": s.text, "ids": list(s.ids), "bits": s.bits_hex,
-                                "n_invalid": s.n_invalid, "seed": s.seed, "settings": settings}) + "\n")
+                                "n_invalid": s.n_invalid, "seed": s.seed, "prompt": s.prompt,
+                                "settings": settings}) + "\n")
     return jsonl

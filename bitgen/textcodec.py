@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from bitgen.codecs import BitCodec, IdCodeMap
 from bitgen.errors import BitgenError
-from bitgen.tokenizers import CodeTokenizer, separator_id, write_atomic
+from bitgen.tokenizers import CodeTokenizer, ids_to_pua, separator_id, write_atomic
 
 TOKENIZER_DIR = "tokenizer"
 CODEC_FILE = "codec.json"
@@ -62,6 +62,16 @@ class TextCodec:
     def separator_id(self) -> int:
         """The base tokenizer's separator / end-of-document id (the AR start token)."""
         return separator_id(self.tokenizer)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """Text -> model ids ``[T]`` int64: the base tokenizer without special tokens (no separator
+        is added; special tokens written in ``text`` still map to their ids), then the code
+        tokenizer when the model has one (no EOSEQ is appended)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.code_tokenizer is not None:
+            pua = ids_to_pua(ids, self.code_tokenizer.base_char_offset)
+            ids = self.code_tokenizer.tokenizer.encode(pua, add_special_tokens=False).ids
+        return np.asarray(ids, np.int64)
 
     def decode_ids(self, ids) -> str:
         """One row of model ids ``[T]`` -> text."""

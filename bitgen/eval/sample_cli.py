@@ -6,10 +6,21 @@ Examples::
     bitgen sample --run-dir runs/demo/cobit sampler.name=heun sampler.grid=karras \\
         sampler.gamma=0.13 sampler.nfe=128 sampler.window_q=0.1,0.9 --num 256 --out heun.txt
     bitgen sample --run-dir runs/demo/ar --temperature 0.9 --top-p 0.95 --num 64 --out ar.txt
+    bitgen sample --run-dir runs/demo/cobit --prompt "the cat sat" --num 8 --out cat.txt
+    bitgen sample --run-dir runs/demo/ar --prompts prompts.txt --num 4 --out prompted.txt
+    bitgen sample --run-dir runs/demo/cobit --infill "the cat[GAP:6] on the mat" --num 8
+
+Prompts (``bitgen.prompts``): ``--prompt TEXT`` (repeatable) or ``--prompts FILE`` (one prompt per
+line, no blank lines) draw ``--num`` samples per prompt, each beginning with TEXT: its tokens
+(the run's tokenizer, no special tokens, no separator before them) fill the start of the row.
+``--infill TEXT`` (repeatable, CoBit runs only) marks each gap as ``[GAP:N]``, N generated tokens;
+the text around the gaps is kept. CoBit clamps the given tokens' bits at every solver step; a model
+trained without conditioning takes them as "replacement" conditioning, which it was not trained
+for. AR runs feed a prompt as the prefix of their continuation.
 
 Outputs: ``--out`` (default ``<run>/samples/<step>_seed<S>.txt``) holds the texts (one sample
 per block, blocks separated by a ``=== i ===`` line); ``<out>.jsonl`` holds one JSON object per
-sample (text, ids, packed bits as hex, invalid-code count, seed, settings).
+sample (text, ids, packed bits as hex, invalid-code count, seed, prompt or null, settings).
 
 The library behind it is ``bitgen.loading`` (``load_model``) and ``bitgen.generation``
 (``generate``, ``write_samples``).
@@ -22,7 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from bitgen.generation import generate, sampler_settings_dict, sampling_options, write_samples
+from bitgen.generation import (
+    generate,
+    generate_prompted,
+    not_beginning_with_prompt,
+    sampler_settings_dict,
+    sampling_options,
+    write_samples,
+)
 from bitgen.loading import WEIGHTS, load_model
 
 
@@ -64,22 +82,40 @@ def load_model_from_args(args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_override_argument(parser)
-    parser.add_argument("--num", type=int, default=16, help="number of samples")
+    parser.add_argument("--num", type=int, default=16,
+                        help="number of samples (per prompt with --prompt, --prompts or --infill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="text output; the JSONL goes next to it (default: "
                                       "<run>/samples/<step>_seed<S>.txt, ./samples/... without a run)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="draw --num samples beginning with TEXT (repeatable); CoBit clamps "
+                              "the prompt's bits, which a model trained unconditionally takes as "
+                              "'replacement' conditioning; AR continues it")
+    prompts.add_argument("--prompts", metavar="FILE",
+                         help="prompts, one per line (no blank lines): --num samples each")
+    prompts.add_argument("--infill", action="append", metavar="TEXT",
+                         help="CoBit runs: text with gaps written [GAP:N] (N generated tokens), "
+                              "e.g. 'the cat[GAP:6] on the mat'; the rest of the text is kept "
+                              "(repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from bitgen.checkpoint import PreemptionFlag
 
+    from bitgen.prompts import layouts, read_prompts
+
     model = load_model_from_args(args)
+    texts = args.prompt or (read_prompts(args.prompts) if args.prompts else [])
+    prompts = layouts(model.text, model.cfg.model.seq_tokens, prompts=texts, infills=args.infill or [])
     print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
           file=sys.stderr)
     start = time.perf_counter()
     with PreemptionFlag() as flag:
-        samples = generate(model, args.num, args.seed, temperature=args.temperature,
-                           top_p=args.top_p, flag=flag, progress=not args.no_progress)
+        options = {"temperature": args.temperature, "top_p": args.top_p,
+                   "progress": not args.no_progress}
+        samples = (generate_prompted(model, prompts, args.num, args.seed, flag=flag, **options)
+                   if prompts else generate(model, args.num, args.seed, flag=flag, **options))
     temperature, top_p = sampling_options(model, args.temperature, args.top_p)
     settings = sampler_settings_dict(model, model.cfg.sampler, temperature=temperature, top_p=top_p)
     out = Path(args.out) if args.out else (
@@ -87,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     jsonl = write_samples(samples, out, settings)
     print(f"bitgen sample: wrote {len(samples)} samples to {out} and {jsonl} "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    joined = [] if args.infill else not_beginning_with_prompt(samples)
+    if joined:
+        print(f"bitgen sample: warning: {len(joined)} samples (first: {joined[0].index}) begin with "
+              "the prompt's tokens but the tokenizer's decoder joined its last token to the next, so "
+              "their text does not begin with the prompt", file=sys.stderr)
     if flag.requested:
         print("bitgen sample: stopped early by a signal; the file holds the samples drawn so far",
               file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 
 from bitgen.config import ConfigError, ExperimentConfig
 from bitgen.families.base import Draw, Task
+from bitgen.prompts import PromptError, PromptLayout
 from bitgen.textcodec import DecodedText, TextCodec
 from bitgen.train.step import StepFns
 
@@ -74,16 +75,25 @@ class AR:
             step_fns=StepFns(input_key="ids", loss=loss),
         )
 
-    def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float) -> Draw:
-        """Rows are chunks of one document stream: every sample starts from the separator."""
+    def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float,
+             prompt: PromptLayout | None = None) -> Draw:
+        """Rows are chunks of one document stream: without a prompt every sample starts from the
+        separator; a prompt's ids are the prefix instead (no separator before them). Infills are
+        refused: the model generates left to right and cannot read text after a gap."""
         from bitgen.nn.ar import ar_sample
 
         model_cfg = ar_config(model.cfg, model.text.vocab_size)
-        bos = model.text.separator_id
+        if prompt is None:
+            prefix = np.asarray([model.text.separator_id], np.int32)
+        elif prompt.infill:
+            raise PromptError("an AR model generates left to right and cannot condition on text "
+                              "after a gap; use --prompt for a prefix, or a CoBit run for --infill")
+        else:
+            prefix = prompt.ids.astype(np.int32)
 
         def draw(params, key, batch):
-            prompt = jnp.full((batch, 1), bos, jnp.int32)
-            return ar_sample(params, key, prompt, cfg=model_cfg, length=model_cfg.seq_len,
+            ids = jnp.broadcast_to(jnp.asarray(prefix), (batch, prefix.size))
+            return ar_sample(params, key, ids, cfg=model_cfg, length=model_cfg.seq_len,
                              temperature=temperature, top_p=top_p)
 
         return draw

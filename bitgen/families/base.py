@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from bitgen.prompts import PromptLayout
 from bitgen.textcodec import DecodedText, TextCodec
 from bitgen.train.step import StepFns
 
@@ -57,8 +58,14 @@ class Family(Protocol):
     def task(self, cfg: Any, vocab_size: int) -> Task:
         """Parameter init, logical axes, schedule state and train-step pieces."""
 
-    def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float) -> Draw:
-        """A sampler for a loaded model (``bitgen.loading.LoadedModel``)."""
+    def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float,
+             prompt: PromptLayout | None = None) -> Draw:
+        """A sampler for a loaded model (``bitgen.loading.LoadedModel``).
+
+        ``prompt`` (``bitgen.prompts``): every row's first ``prompt.length`` tokens hold its given
+        ids where ``prompt.known``; raise ``PromptError`` for a layout the family cannot
+        condition on. Callers pass it only when set, so a family without prompts may omit it.
+        """
 
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
         """Raw draws -> (decoded text, packed bits as hex or "") per row."""

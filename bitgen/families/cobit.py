@@ -13,6 +13,7 @@ import numpy as np
 from bitgen.config import ConfigError, ExperimentConfig, SamplerConfig
 from bitgen.errors import BitgenError
 from bitgen.families.base import Draw, Task
+from bitgen.prompts import PromptLayout
 from bitgen.textcodec import DecodedText, TextCodec
 from bitgen.train.step import StepFns
 
@@ -61,8 +62,14 @@ class CoBit:
         )
 
     def draw(self, model: Any, sampler_cfg: SamplerConfig, *, temperature: float = 1.0,
-             top_p: float = 1.0) -> Draw:
-        """The run's sampler (``temperature``/``top_p`` are AR settings and do not apply)."""
+             top_p: float = 1.0, prompt: PromptLayout | None = None) -> Draw:
+        """The run's sampler (``temperature``/``top_p`` are AR settings and do not apply).
+
+        ``prompt``: its given tokens' bits are clamped at every solver step (``Cond.clamped``), a
+        prefix or an infill alike. A model trained without conditioning still takes them
+        ("replacement" conditioning); ``prompt=None`` is the unconditional sampler bit for bit.
+        """
+        from bitgen.diffusion.cond import Cond
         from bitgen.sampling import build_sampler
 
         if sampler_cfg.grid == "entropic" and model.table is None:
@@ -71,7 +78,16 @@ class CoBit:
                 "(entropy_tables/ is empty); pass --table lm1b|owt|PATH or set sampler.grid=karras")
         sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
                                 model.cfg.diffusion)
-        return lambda params, key, batch: sampler(params, key, batch).bits
+        if prompt is None:
+            return lambda params, key, batch: sampler(params, key, batch).bits
+        mask, bits = prompt.known_bits(model.text, model.cfg.model.seq_bits)
+
+        def draw(params, key, batch):
+            cond = Cond.clamped(np.broadcast_to(mask, (batch, mask.size)),
+                                np.broadcast_to(bits, (batch, bits.size)))
+            return sampler(params, key, batch, cond=cond).bits
+
+        return draw
 
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
         bits = np.asarray(out)
