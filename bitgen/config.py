@@ -32,17 +32,13 @@ from bitgen.config_sections import (
     TrainConfig,
 )
 from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
-from bitgen.errors import BitgenError
+from bitgen.errors import ConfigError
 
 __all__ = [
     "ConfigError", "DataConfig", "DiffusionConfig", "EntropyScheduleConfig", "EvalConfig",
     "ExperimentConfig", "MeshConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "TrainConfig",
     "apply_overrides", "config_diff", "from_dict", "load_config", "to_dict", "validate",
 ]
-
-
-class ConfigError(BitgenError, ValueError):
-    """A configuration value or file is invalid; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -272,22 +268,33 @@ def from_dict(data: dict[str, Any], cls: type = ExperimentConfig) -> Any:
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """Apply ``section.field=value`` strings (e.g. ``model.embed_dim=64``)."""
+    """Apply ``section.field=value`` strings (e.g. ``model.embed_dim=64``).
+
+    ``task=NAME`` is applied first and gives the family section the new family's defaults, so
+    ``family.*`` keys given with it refine those; a config saved without a family section (older
+    runs) gets its family's defaults too.
+    """
     data = to_dict(cfg)
-    seen: set[str] = set()
+    pairs: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
         key = key.strip()
-        if key in seen:
+        if key in pairs:
             raise ConfigError(f"override {key!r} is given twice")
-        seen.add(key)
+        pairs[key] = value
+    if pairs.get("task", data["task"]) != data["task"]:
+        data["task"], data["family"] = pairs["task"], None
+    if data.get("family") is None:
+        options = _family_options(str(data["task"]))
+        data["family"] = None if options is None else to_dict(options())
+    for key, value in pairs.items():
         parts = key.split(".")
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config section {part!r} in override {item!r}")
+                raise ConfigError(f"unknown config section {part!r} in override {key}={value!r}")
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(

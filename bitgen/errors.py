@@ -16,6 +16,10 @@ class BitgenError(Exception):
     """A problem the user can fix; ``str(err)`` is one line naming the problem and the fix."""
 
 
+class ConfigError(BitgenError, ValueError):
+    """A configuration value or file is invalid; the message names the key and the fix."""
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` of a foreign error's root cause (the innermost
     ``raise ... from``); a longer one keeps its start and its end (where nested library errors put

@@ -32,6 +32,8 @@ from bitgen.textcodec import TextCodec, run_text_codec
 
 # Weights a checkpoint holds: the EMA shadow (default for sampling) or the raw training params.
 WEIGHTS = {"ema": "ema_params", "raw": "params"}
+# Model settings no parameter shape reveals: a converted file and its --config must agree on them.
+SHAPELESS_MODEL_KEYS = ("n_heads", "seq_tokens", "rope_base", "logit_scaling", "mf_clip")
 
 
 class SampleError(BitgenError, RuntimeError):
@@ -205,16 +207,25 @@ def _load_params_file(spec: str, config: str | None, overrides: list[str],
                       table: str | None) -> LoadedModel:
     """A parameter file (``bitgen convert``'s .npz, or .safetensors) with the config it belongs to."""
     from bitgen.config import load_config
-    from bitgen.modelio import read_params_file
+    from bitgen.modelio import read_params_file, stored_model_config
     from bitgen.train.task import abstract_params
 
     if not config:
         raise SampleError("--params needs --config naming the model's settings (e.g. --config "
                           "cobit_s_owt for the released CoBit-S OWT weights)")
     cfg = load_config(config, list(overrides))
+    path = _local(spec)
+    stored = stored_model_config(path)
+    if stored is not None:  # settings no parameter shape shows must agree with the file's
+        differ = [k for k in SHAPELESS_MODEL_KEYS if getattr(stored, k) != getattr(cfg.model, k)]
+        if differ:
+            key = differ[0]
+            raise SampleError(f"{spec} holds a model with model.{key}={getattr(stored, key)!r} but "
+                              f"the config has {getattr(cfg.model, key)!r}; set model.{key}="
+                              f"{getattr(stored, key)} or convert the weights with the config's value")
     text = text_codec_from_config(cfg)
     family_of(cfg).check(cfg, text)
-    params = read_params_file(_local(spec), abstract_params(cfg, vocab_size=text.vocab_size))
+    params = read_params_file(path, abstract_params(cfg, vocab_size=text.vocab_size))
     return LoadedModel(cfg, params, text, _table(table, None), 0, str(spec))
 
 

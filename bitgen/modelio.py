@@ -125,6 +125,17 @@ def save_params(path: str | Path, params: Mapping, cfg) -> None:
     save_npz(Path(path), flat)
 
 
+def stored_model_config(path: str | Path) -> Any:
+    """The ModelConfig a ``.npz`` of ``bitgen convert`` stores, or None (other files hold none)."""
+    from bitgen.config import ModelConfig, from_dict
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        return None
+    entry = read_npz(path).get(_CONFIG_ENTRY)
+    return None if entry is None else from_dict(json.loads(str(entry)), ModelConfig)
+
+
 def load_params(path: str | Path) -> tuple[dict, Any]:
     """Inverse of ``save_params``: (params, ModelConfig)."""
     from bitgen.config import ModelConfig, from_dict

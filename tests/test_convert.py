@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -296,9 +297,28 @@ def test_released_weights_sample_and_score_through_the_cli(tmp_path, capsys):
 
 
 def test_params_need_a_config_and_a_pipeline_named_by_file(tmp_path, capsys):
-    params = tmp_path / "p.npz"
+    params = tmp_path / "p.safetensors"
     params.write_bytes(b"")
     assert cli.main(["sample", "--params", str(params)]) == 2
     assert "--params needs --config" in capsys.readouterr().err
     assert cli.main(["sample", "--params", str(params), "--config", "demo_cpu"]) == 2
     assert "data.tokenizer=bpe is trained on the corpus" in capsys.readouterr().err
+    (tmp_path / "p.npz").write_bytes(b"")
+    assert cli.main(["sample", "--params", str(tmp_path / "p.npz"), "--config", "demo_cpu"]) == 2
+    assert "the file is damaged" in capsys.readouterr().err
+
+
+def test_params_converted_for_another_model_are_refused_by_key(tmp_path, capsys):
+    """n_heads shows in no parameter shape: the .npz's stored config and --config must agree."""
+    from bitgen.config import load_config, to_dict
+    from bitgen.modelio import save_params
+    from test_train_loop import TINY
+
+    tokenizer = _word_tokenizer(tmp_path / "tokenizer.json", 5000)
+    cfg = load_config("demo_cpu", [*TINY, f"data.tokenizer={tokenizer}", "data.bit_order=raw"])
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    other = replace(cfg.model, n_heads=4)
+    save_params(tmp_path / "p.npz", from_official(official_state(other), other), other)
+    assert cli.main(["sample", "--params", str(tmp_path / "p.npz"), "--config", str(config)]) == 2
+    assert "model.n_heads=4 but the config has 2" in capsys.readouterr().err

@@ -276,3 +276,11 @@ def test_eval_cli_adds_the_unigram_control_on_request(cobit_run, ar_run, tmp_pat
     assert [r["seed"] for r in control] == [0, 1] and all(r["n"] == 3 for r in control)
     assert all(np.isfinite(r["genppl"]) and r["genppl"] > 1 for r in control)
     assert "tokens drawn independently" in capsys.readouterr().out
+
+
+def test_an_nfe_too_small_for_the_sampler_is_one_line(cobit_run, tmp_path, capsys):
+    argv = ["sample", "--run-dir", str(cobit_run), "--out", str(tmp_path / "x.txt"), "--no-progress",
+            "sampler.name=heun", "sampler.sc_mode=refined", "sampler.nfe=4", "sampler.grid=karras"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "raise sampler.nfe" in err[-1]  # the "model from" line, then the error

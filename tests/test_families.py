@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from bitgen import cli, families
-from bitgen.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, validate
+from bitgen.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+    validate,
+)
 from bitgen.families.ar import ARSampling
+from conftest import REPO_ROOT
 
 TINY = ["model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n_blocks=1",
         "model.dim_ff=64", "model.content_dim=8", "model.head_hidden=16", "data.batch_size=8",
@@ -47,6 +56,29 @@ def test_family_section_round_trips_and_is_checked():
         load_config("demo_cpu", ["family.temperature=0.7"])
     with pytest.raises(ConfigError, match="no family section"):
         from_dict({"task": "cobit", "family": {"temperature": 1.0}})
+
+
+def test_task_overrides_switch_the_family_section_and_old_configs_get_defaults():
+    assert load_config("demo_ar_cpu", ["task=cobit", "model.patch_size=13"]).family is None
+    assert load_config("demo_cpu", ["task=ar", "family.top_p=0.9"]).family == ARSampling(top_p=0.9)
+    saved = to_dict(load_config("demo_ar_cpu"))
+    del saved["family"]  # a config.json written before families had sections
+    old = from_dict(saved)
+    assert apply_overrides(old, ["family.temperature=0.5"]).family == ARSampling(temperature=0.5)
+
+
+def test_reading_a_config_loads_no_model_code():
+    """The registry imports a family module to read its section; model code loads on use."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from bitgen.config import load_config; load_config('demo_cpu'); "
+            "load_config('demo_ar_cpu', ['family.temperature=0.5']); "
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture()

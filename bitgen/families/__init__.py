@@ -1,8 +1,9 @@
 """Model families, looked up by name: ``ExperimentConfig.task`` is read here and nowhere else.
 
 Each family is one module defining ``FAMILY`` (the ``bitgen.families.base.Family`` protocol);
-adding one is that module plus one line in ``_MODULES``. Modules are imported on first use, so
-reading a config does not import model code.
+adding one is that module plus one line in ``_MODULES``. Modules are imported on first use;
+reading a config imports them for their section dataclass (``options``), and they load model code
+only when a method runs.
 """
 
 from __future__ import annotations

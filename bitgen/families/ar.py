@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from bitgen.config import ConfigError, ExperimentConfig
+from bitgen.errors import ConfigError
 from bitgen.families.base import Draw, Task
-from bitgen.prompts import PromptError, PromptLayout
-from bitgen.textcodec import DecodedText, TextCodec
-from bitgen.train.step import StepFns
+
+if TYPE_CHECKING:  # the registry imports this module to read a config: model code loads on use
+    import jax
+    import numpy as np
+
+    from bitgen.config import ExperimentConfig
+    from bitgen.prompts import PromptLayout
+    from bitgen.textcodec import DecodedText, TextCodec
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class AR:
 
     def task(self, cfg: ExperimentConfig, vocab_size: int | None) -> Task:
         from bitgen.nn import ar
+        from bitgen.train.step import StepFns
 
         if vocab_size is None:
             raise ConfigError("task='ar' needs the vocabulary size of the data pipeline "
@@ -80,7 +82,11 @@ class AR:
         """Rows are chunks of one document stream: without a prompt every sample starts from the
         separator; a prompt's ids are the prefix instead (no separator before them). Infills are
         refused: the model generates left to right and cannot read text after a gap."""
+        import jax.numpy as jnp
+        import numpy as np
+
         from bitgen.nn.ar import ar_sample
+        from bitgen.prompts import PromptError
 
         model_cfg = ar_config(model.cfg, model.text.vocab_size)
         if prompt is None:
@@ -110,6 +116,10 @@ class AR:
                 model_cfg.seq_len)
 
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
+        import numpy as np
+
+        from bitgen.textcodec import DecodedText
+
         return [(DecodedText(text.decode_ids(ids), tuple(int(i) for i in ids), 0), "")
                 for ids in np.asarray(out)]
 
@@ -119,6 +129,9 @@ class AR:
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:
         """Temperature-1 continuations of the first token of ``n`` validation rows."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
         from jax.experimental import multihost_utils
 
         from bitgen.nn.ar import ar_sample

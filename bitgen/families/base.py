@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jax
-import numpy as np
+if TYPE_CHECKING:  # types only: a family module imports no model code until it is used
+    import jax
+    import numpy as np
 
-from bitgen.prompts import PromptLayout
-from bitgen.textcodec import DecodedText, TextCodec
-from bitgen.train.step import StepFns
+    from bitgen.prompts import PromptLayout
+    from bitgen.textcodec import DecodedText, TextCodec
+    from bitgen.train.step import StepFns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Task:
 
 
 # (params, key, batch) -> the family's raw output for ``decode`` (bits [B,S] or ids [B,T]).
-Draw = Callable[[Any, jax.Array, int], jax.Array]
+Draw = Callable[[Any, Any, int], Any]
 
 
 class Family(Protocol):

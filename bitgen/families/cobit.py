@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from bitgen.config import ConfigError, ExperimentConfig, SamplerConfig
-from bitgen.errors import BitgenError
+from bitgen.errors import BitgenError, ConfigError
 from bitgen.families.base import Draw, Task
-from bitgen.prompts import PromptLayout
-from bitgen.textcodec import DecodedText, TextCodec
-from bitgen.train.step import StepFns
+
+if TYPE_CHECKING:  # the registry imports this module to read a config: model code loads on use
+    import jax
+    import numpy as np
+
+    from bitgen.config import ExperimentConfig, SamplerConfig
+    from bitgen.prompts import PromptLayout
+    from bitgen.textcodec import DecodedText, TextCodec
 
 
 class MissingTableError(BitgenError, RuntimeError):
@@ -34,9 +34,12 @@ class CoBit:
                 f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
 
     def task(self, cfg: ExperimentConfig, vocab_size: int | None = None) -> Task:
+        import jax.numpy as jnp
+
         from bitgen.diffusion import entropy_schedule as es
         from bitgen.diffusion.denoiser import init_params, param_logical_axes
         from bitgen.diffusion.loss import diffusion_loss
+        from bitgen.train.step import StepFns
 
         def loss(params, bits, sigma, key):
             value, aux = diffusion_loss(params, bits, sigma, key, model_cfg=cfg.model,
@@ -69,13 +72,16 @@ class CoBit:
         prefix or an infill alike. A model trained without conditioning still takes them
         ("replacement" conditioning); ``prompt=None`` is the unconditional sampler bit for bit.
         """
+        import numpy as np
+
         from bitgen.diffusion.cond import Cond
         from bitgen.sampling import build_sampler
 
         if sampler_cfg.grid == "entropic" and model.table is None:
             raise MissingTableError(
-                "sampler.grid=entropic needs an entropy table, and the run has none "
-                "(entropy_tables/ is empty); pass --table lm1b|owt|PATH or set sampler.grid=karras")
+                "sampler.grid=entropic needs an entropy table and this model has none (a run's "
+                "entropy_tables/ is empty, or a weights file or folder came without one); pass "
+                "--table lm1b|owt|PATH or set sampler.grid=karras")
         sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
                                 model.cfg.diffusion)
         if prompt is None:
@@ -90,6 +96,8 @@ class CoBit:
         return draw
 
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
+        import numpy as np
+
         bits = np.asarray(out)
         return [(row, np.packbits(b.astype(np.uint8)).tobytes().hex())
                 for row, b in zip(text.decode_bits(bits), bits)]
@@ -101,6 +109,8 @@ class CoBit:
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:
         """``cfg.sampler`` on the Karras grid until the run has learned its entropy table."""
+        import jax
+        import numpy as np
         from jax.experimental import multihost_utils
 
         from bitgen.sampling import build_sampler
@@ -116,6 +126,8 @@ class CoBit:
 
     def after_step(self, cfg: ExperimentConfig, state: Any, run_dir: Path, done: int) -> None:
         """Write the entropy table each time the schedule rebuilds it."""
+        import jax
+
         from bitgen.diffusion.entropy_schedule import save_entropy_table
 
         if not (cfg.entropy.enabled and done % cfg.entropy.update_every == 0):

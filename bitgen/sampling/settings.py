@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitgen.config import DiffusionConfig, SamplerConfig, check_bit_constants
+from bitgen.config import ConfigError, DiffusionConfig, SamplerConfig, check_bit_constants
 from bitgen.diffusion.entropy_schedule import EntropyTable
 from bitgen.diffusion.grids import churn_window, entropic_grid, karras_grid
 from bitgen.sampling.steps import Step, make_step, nfe_to_grid_points
@@ -105,12 +105,12 @@ def sampling_grid(sampler_cfg: SamplerConfig, table: EntropyTable | None,
     """The σ-grid a SamplerConfig asks for (grid type, N from nfe, terminal σ, σ_max)."""
     n = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode)
     if n < 2:
-        raise ValueError(f"sampler.nfe={sampler_cfg.nfe} leaves fewer than 2 grid points for "
-                         f"{sampler_cfg.name}/{sampler_cfg.sc_mode}; raise sampler.nfe")
+        raise ConfigError(f"sampler.nfe={sampler_cfg.nfe} leaves fewer than 2 grid points for "
+                          f"{sampler_cfg.name}/{sampler_cfg.sc_mode}; raise sampler.nfe")
     if sampler_cfg.grid == "karras":
         return karras_grid(n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max, diffusion_cfg.rho)
     if table is None:
-        raise ValueError("sampler.grid=entropic needs an entropy table (load_entropy_table('lm1b'), a "
-                         "run's table, ...); there is no silent Karras fallback. Pass a table or set "
-                         "sampler.grid=karras.")
+        raise ConfigError("sampler.grid=entropic needs an entropy table (load_entropy_table('lm1b'), "
+                          "a run's table, ...); there is no silent Karras fallback. Pass a table or "
+                          "set sampler.grid=karras.")
     return entropic_grid(table, n, sampler_cfg.terminal_sigma, diffusion_cfg.sigma_max)
