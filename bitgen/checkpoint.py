@@ -39,7 +39,6 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 from bitgen import checksum
 from bitgen.config import ConfigError, ExperimentConfig, config_diff, from_dict
 from bitgen.errors import BitgenError, one_line
-from bitgen.preemption import PreemptionFlag as PreemptionFlag  # re-exported for existing callers
 
 log = logging.getLogger(__name__)
 

@@ -97,7 +97,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
     """Run the plan; returns (aggregated table, signal number if interrupted else None)."""
     import logging
 
-    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.preemption import PreemptionFlag
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
     from bitgen.loading import load_model

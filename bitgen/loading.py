@@ -74,7 +74,10 @@ class LoadedModel:
         from bitgen.tokenizers import tokenizer_hash
 
         rows = build_corpus_rows(self.cfg.data, self.cfg.model.seq_tokens)
-        same = (rows.codec == self.text.codec
+        codes = (rows.code_tokenizer, self.text.code_tokenizer)
+        same_codes = codes[0] is codes[1] is None or (
+            None not in codes and tokenizer_hash(codes[0].tokenizer) == tokenizer_hash(codes[1].tokenizer))
+        same = (same_codes and rows.codec == self.text.codec
                 and tokenizer_hash(rows.tokenizer) == tokenizer_hash(self.text.tokenizer))
         if not same:
             raise DataError(f"the corpus built from the run's data settings no longer matches the "

@@ -118,8 +118,12 @@ class TextCodec:
             if spec.get("format") != CODEC_FORMAT:
                 raise TextCodecError(f"{codec_path} has format {spec.get('format')!r}; this bitgen "
                                      f"reads format {CODEC_FORMAT}: upgrade bitgen")
-            permutation = {"raw": None, "gray": "gray"}.get(spec["code_order"])
-            if spec["code_order"] == "map":
+            order = spec["code_order"]
+            if order not in ("raw", "gray", "map"):
+                raise TextCodecError(f"{codec_path} has code_order={order!r}, not raw, gray or map; "
+                                     "copy the tokenizer folder again from the run")
+            permutation = {"raw": None, "gray": "gray"}.get(order)
+            if order == "map":
                 permutation = IdCodeMap.from_array(np.load(directory / "code_map.npy"))
             code_tokenizer = (CodeTokenizer.load(directory / "code_tokenizer.json")
                               if spec["code_tokenizer"] else None)

@@ -15,10 +15,10 @@ import pytest
 from bitgen.checkpoint import (
     Checkpointer,
     CheckpointError,
-    PreemptionFlag,
     restore_params,
 )
 from bitgen.config import load_config
+from bitgen.preemption import PreemptionFlag
 from bitgen.train.loop import NonFiniteLossError, _fetch, max_param_difference, train
 from bitgen.train.task import abstract_params
 

@@ -97,7 +97,7 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
 
     Returns (aggregated table, signal number when a signal stopped it early, else None).
     """
-    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.preemption import PreemptionFlag
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
     from bitgen.eval.sweep import (

@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of samples (per prompt with --prompt, --prompts or --infill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="text output; the JSONL goes next to it (default: "
-                                      "<run>/samples/<step>_seed<S>.txt, ./samples/... without a run)")
+                                      "<run>/samples/<step>_seed<S>.txt, or "
+                                      "./samples/<file or folder name>_seed<S>.txt)")
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", metavar="TEXT",
                          help="draw --num samples beginning with TEXT (repeatable); CoBit clamps "
@@ -101,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.preemption import PreemptionFlag
 
     from bitgen.prompts import layouts, read_prompts
 
@@ -118,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
                    if prompts else generate(model, args.num, args.seed, flag=flag, **options))
     temperature, top_p = sampling_options(model, args.temperature, args.top_p)
     settings = sampler_settings_dict(model, model.cfg.sampler, temperature=temperature, top_p=top_p)
-    out = Path(args.out) if args.out else (
-        (model.run / "samples" if model.run else Path("samples")) / f"{model.step}_seed{args.seed}.txt")
+    default = (model.run / "samples" / f"{model.step}_seed{args.seed}.txt" if model.run else
+               Path("samples") / f"{Path(model.source).name}_seed{args.seed}.txt")
+    out = Path(args.out) if args.out else default
     jsonl = write_samples(samples, out, settings)
     print(f"bitgen sample: wrote {len(samples)} samples to {out} and {jsonl} "
           f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)

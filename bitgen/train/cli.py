@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                                     auto=args.multihost)
     cfg = load_config(args.config, args.overrides)
 
-    from bitgen.checkpoint import PreemptionFlag
+    from bitgen.preemption import PreemptionFlag
     from bitgen.train.loop import train
 
     # bitgen's errors (config, checkpoint, lock, non-finite loss) reach `bitgen.cli`, which prints

@@ -35,13 +35,13 @@ from bitgen.checkpoint import (
     Checkpointer,
     CheckpointError,
     DamagedCheckpointError,
-    PreemptionFlag,
     Restored,
 )
 from bitgen.config import ConfigError, ExperimentConfig, to_dict
 from bitgen.errors import BitgenError
-from bitgen.runlock import RunLock, RunLockedError
 from bitgen.families import family_of
+from bitgen.preemption import PreemptionFlag
+from bitgen.runlock import RunLock, RunLockedError
 from bitgen.train.program import build_train_program
 from bitgen.train.state import TrainState
 
