@@ -123,6 +123,16 @@ def _fetch(spec: HubSpec) -> Path:
         raise HubError(f"cannot fetch {spec} ({one_line(err)}); {_local_alternative(spec)}") from err
 
 
+def sibling(spec: str, name: str) -> str:
+    """The spec of file ``name`` in the folder of Hub file ``spec``, at the same revision (a
+    tokenizer's ``merges.txt`` or ``.meta.json`` beside it)."""
+    parsed = parse_spec(spec)
+    if parsed.filename is None:
+        raise HubError(f"{spec} names a whole repo, not a file; name the file as hf:OWNER/NAME/FILE")
+    folder = parsed.filename.rpartition("/")[0]
+    return str(HubSpec(parsed.repo, f"{folder}/{name}" if folder else name, parsed.revision))
+
+
 def resolve(spec: str | Path, *, sha256: str | None = None) -> Path:
     """A local path for ``spec`` (see the module docstring), fetching Hub files as needed.
 

@@ -16,7 +16,6 @@ itself (``LoadedModel.rows``) is built only when asked for (held-out reference r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -151,9 +150,7 @@ def text_codec_from_config(cfg: ExperimentConfig) -> TextCodec:
     if data.bit_order == "frequency":
         raise DataError("data.bit_order=frequency is ranked on the training rows; set data.bit_order "
                         "to the run's id->code map (<run>/tokenizer/code_map.npy)")
-    if data.code_tokenizer:
-        data = dataclasses.replace(data, code_tokenizer=str(_local(data.code_tokenizer)))
-    tokenizer = load_tokenizer(_local(data.tokenizer) if is_hub_spec(data.tokenizer) else data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
     code_tokenizer = resolve_code_tokenizer(data, tokenizer)
     vocab_size = code_tokenizer.code_vocab_size if code_tokenizer else vocab_size_of(tokenizer)
     return TextCodec(tokenizer, codec_for(data, vocab_size, code_tokenizer), code_tokenizer)

@@ -29,6 +29,7 @@ from tokenizers import (
 )
 
 from bitgen.errors import BitgenError
+from bitgen.hub import is_hub_spec, resolve, sibling
 from bitgen.files import write_atomic
 
 BPE_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -86,8 +87,15 @@ def load_tokenizer(spec: str | Path, *, lowercase: bool = True) -> Tokenizer:
 
     Local forms: ``tokenizer.json``; BERT ``vocab.txt`` (WordPiece, ``lowercase`` as in
     bert-base-uncased); GPT-2 ``vocab.json`` with ``merges.txt`` next to it; a directory with any
-    of these. Anything else that does not exist is treated as a Hub name (needs the network).
+    of these; ``hf:OWNER/NAME/FILE[@REV]`` fetches a file (and the ``merges.txt`` beside a
+    ``vocab.json``) through ``bitgen.hub``. Anything else that does not exist is treated as a Hub
+    repo name such as ``gpt2`` (needs the network).
     """
+    if is_hub_spec(spec):  # hf:OWNER/NAME/FILE[@REV] (with merges.txt beside a vocab.json) or a repo
+        path = resolve(spec)
+        if path.name == "vocab.json":
+            resolve(sibling(str(spec), "merges.txt"))
+        return load_tokenizer(path, lowercase=lowercase)
     path = Path(spec).expanduser()
     if path.is_dir():
         for name in ("tokenizer.json", "vocab.txt", "vocab.json"):
@@ -222,7 +230,10 @@ class CodeTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> CodeTokenizer:
-        """Load ``<name>.json`` and its ``<name>.meta.json``."""
+        """Load ``<name>.json`` and its ``<name>.meta.json`` (a local path or ``hf:`` file spec)."""
+        if is_hub_spec(path):
+            resolve(sibling(str(path), Path(str(path).partition("@")[0]).with_suffix(".meta.json").name))
+            path = resolve(path)
         path = Path(path).expanduser()
         meta_path = path.with_suffix(".meta.json")
         for p in (path, meta_path):

@@ -114,3 +114,32 @@ def test_convert_reports_an_offline_hub_miss_in_one_line(hub_cache, tmp_path, ca
     assert cli.main(["convert", "hf:owner/cobit/missing.pt", str(tmp_path / "p.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hf download owner/cobit missing.pt" in err
+
+
+def test_tokenizers_and_code_tokenizers_resolve_from_hub_specs(hub_cache, tmp_path):
+    """A tokenizer.json, and a code tokenizer with its .meta.json fetched beside it, as config
+    values (data.tokenizer / data.code_tokenizer) read without the corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from bitgen.config import load_config
+    from bitgen.loading import text_codec_from_config
+    from bitgen.tokenizers import CodeTokenizer, load_tokenizer
+
+    base = Tokenizer(models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0"))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    codes = Tokenizer(models.WordLevel({f"c{i}": i for i in range(20)}, unk_token="c1"))
+    local = tmp_path / "local"
+    local.mkdir()
+    CodeTokenizer(codes, 0, 1, 2, 0xF0000, 40, None).save(local / "codes.json")
+    _snapshot(hub_cache, MAIN, {"tok/tokenizer.json": base.to_str().encode(),
+                                "tok/codes.json": (local / "codes.json").read_bytes(),
+                                "tok/codes.meta.json": (local / "codes.meta.json").read_bytes()})
+    assert load_tokenizer("hf:owner/cobit/tok/tokenizer.json").encode("w3 w7").ids == [3, 7]
+    code_tokenizer = CodeTokenizer.load(f"hf:owner/cobit/tok/codes.json@{MAIN}")
+    assert code_tokenizer.code_vocab_size == 20 and code_tokenizer.eoseq_id == 2
+    cfg = load_config("demo_cpu", ["data.tokenizer=hf:owner/cobit/tok/tokenizer.json",
+                                   "data.code_tokenizer=hf:owner/cobit/tok/codes.json",
+                                   "data.packing=window", "data.bit_order=raw",
+                                   "data.code_policy=stop", "model.patch_size=5"])
+    text = text_codec_from_config(cfg)
+    assert text.vocab_size == 20 and text.codec.width == 5 and text.code_tokenizer is not None
