@@ -22,11 +22,14 @@ from bitgen.data.sudoku import (
     format_row,
     grid_to_tokens,
     prompt_bit_mask,
+    prompt_bits,
+    prompt_ids,
     prompt_token_mask,
     rows_to_bits,
     split_rows,
     sudoku_rows,
     tokens_to_grid,
+    with_prompt_mask,
 )
 from bitgen.data.sudoku_gen import (
     CLUES,
@@ -139,8 +142,8 @@ def test_every_puzzle_has_one_solution_and_its_clue_count(sample, name):
 
 def test_independent_solver_detects_several_and_no_solutions(sample):
     puzzle = sample["hard"][0][0].copy()
-    puzzle[np.flatnonzero(puzzle)[:6]] = 0  # 24 clues left: with high probability several solutions
-    assert exact_cover_count(puzzle)[0] == count_solutions(puzzle)
+    puzzle[np.flatnonzero(puzzle)[:6]] = 0  # 24 clues left; for this seed, several solutions
+    assert exact_cover_count(puzzle)[0] == 2 == count_solutions(puzzle)
     clash = np.zeros(81, np.uint8)
     clash[[0, 1]] = 5
     assert exact_cover_count(clash)[0] == 0 == count_solutions(clash)
@@ -239,6 +242,27 @@ def test_prompt_bit_mask_builds_a_clamping_cond():
     assert (np.asarray(state)[:, PROMPT_TOKENS * CODE_WIDTH:] == 0.5).all()
 
 
+def test_prompt_views_for_both_families(sample):
+    """AR continues ``prompt_ids``; bit diffusion clamps ``prompt_bits`` under the bit mask."""
+    puzzles, solutions, _ = sample["easy"]
+    rows = encode_rows(puzzles[:4], solutions[:4])
+    assert (prompt_ids(puzzles[:4]) == rows[:, :PROMPT_TOKENS]).all()
+    bits, mask = prompt_bits(puzzles[:4]), prompt_bit_mask(4)
+    assert (bits[mask] == rows_to_bits(rows)[mask]).all() and not bits[~mask].any()
+
+
+def test_rows_feed_the_data_pipeline_unchanged(sample):
+    from bitgen.data.pipeline import make_batch_dataset
+
+    puzzles, solutions, _ = sample["medium"]
+    rows = encode_rows(puzzles[:8], solutions[:8])
+    batch = with_prompt_mask(make_batch_dataset(rows, SUDOKU_CODEC, global_batch=4, seed=0)[0])
+    assert batch["ids"].shape == (4, ROW_TOKENS) and batch["bits"].shape == (4, ROW_BITS)
+    picked = [int(np.flatnonzero((rows == ids).all(1))[0]) for ids in batch["ids"]]
+    assert (batch["bits"] == rows_to_bits(rows[picked])).all()
+    assert (batch["cond_mask"] == prompt_bit_mask(4)).all()
+
+
 def test_text_forms_show_the_grid():
     puzzles, solutions, _ = generate_split(2, 1, {"easy": 1})
     text = format_grid(puzzles[0])
@@ -285,6 +309,22 @@ def test_one_wrong_cell_and_one_invalid_code(truth):
     assert s["hard"].exact_match == pytest.approx(2 / 3) and s["hard"].cell_accuracy == 1.0
     assert s["hard"].solved == 1.0  # the cells are right; only the layout is broken
     assert s["all"].exact_match == pytest.approx(6 / 9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_corrupted_cells_lower_cell_accuracy_by_their_count(truth, data):
+    puzzles, solutions, rows = truth
+    cells = data.draw(st.sets(st.integers(0, 80), max_size=81))
+    values = [data.draw(st.integers(0, 15).filter(lambda v, c=c: v != solutions[0][c])) for c in cells]
+    pred = rows[:1].copy()
+    positions = PROMPT_TOKENS + np.array([(c // 9) * 10 + c % 9 for c in sorted(cells)], int)
+    pred[0, positions] = [v for _, v in sorted(zip(cells, values))]
+    s = score(pred, puzzles[:1], solutions[:1])["all"]
+    # one row: each mean is a count divided by 81 (or 89), the same single rounding on both sides
+    assert s.cell_accuracy == (81 - len(cells)) / 81
+    assert s.invalid_code_rate == sum(v >= 12 for v in values) / 89
+    assert s.exact_match == float(not cells) == s.solved
 
 
 def test_without_solutions_only_validity_is_scored(truth):
@@ -340,13 +380,16 @@ def test_read_puzzles_and_write_predictions_round_trip(tmp_path, truth):
     ("0" * 40 + "x" + "0" * 40, "character 41 is 'x'"),
     ("0" * 81 + " " + "1" * 81 + " 3", "3 fields"),
     ("0" * 81 + " " + "0" * 81, "solution character 1 is '0'"),
-    ("0" * 81 + " " + "1" * 81, "not a valid Sudoku"),
+    ("0" * 81 + " " + "1" * 81, r"not a valid Sudoku \(row 1 repeats 1\)"),
+    ("5" + "0" * 8 + "5" + "0" * 71, r"clues clash \(column 1 repeats 5\)"),
+    ("0" * 80 + "{last} {good}", "changes the clue at row 9, column 9"),
 ])
 def test_read_puzzles_names_the_bad_line(tmp_path, second_line, fragment):
     good = "".join(map(str, solve(np.zeros(81, np.uint8))))
     path = tmp_path / "p.txt"
     first = "0" * 81 + " " + good if " " in second_line else "0" * 81
-    path.write_text(f"{first}\n{second_line}\n")
+    last = str(int(good[80]) % 9 + 1)  # a clue that differs from the solution's last cell
+    path.write_text(f"{first}\n{second_line.format(last=last, good=good)}\n")
     with pytest.raises(PuzzleFileError, match=f"p.txt:2: .*{fragment}") as err:
         read_puzzles(path)
     assert "\n" not in str(err.value)

@@ -112,6 +112,29 @@ def prompt_bit_mask(n: int) -> np.ndarray:
     return np.repeat(prompt_token_mask(n), CODE_WIDTH, axis=-1)
 
 
+def prompt_ids(puzzles) -> np.ndarray:
+    """Puzzles [N, 81] -> the prompt token ids uint8 [N, 91] (``BOS puzzle BOS``): what an
+    autoregressive model continues."""
+    puzzles = np.asarray(puzzles)
+    bos = np.full(puzzles.shape[:-1] + (1,), BOS, np.uint8)
+    return np.concatenate([bos, grid_to_tokens(puzzles), bos], axis=-1)
+
+
+def prompt_bits(puzzles) -> np.ndarray:
+    """Puzzles [N, 81] -> bits uint8 [N, 720]: the prompt's codes, zeros after them. With
+    ``prompt_bit_mask`` it is the ``Cond.clamped(mask, bits)`` of a bit-diffusion model."""
+    ids = prompt_ids(puzzles)
+    bits = np.zeros(ids.shape[:-1] + (ROW_BITS,), np.uint8)
+    bits[..., :PROMPT_TOKENS * CODE_WIDTH] = SUDOKU_CODEC.ids_to_bits(ids)
+    return bits
+
+
+def with_prompt_mask(batch: dict) -> dict:
+    """A data-pipeline batch ``{"bits": [B, 720], "ids": [B, 180]}`` plus ``"cond_mask"`` bool
+    [B, 720] (``prompt_bit_mask``): the known bits for conditional training."""
+    return {**batch, "cond_mask": prompt_bit_mask(len(batch["ids"]))}
+
+
 def clue_difficulty(puzzles) -> np.ndarray:
     """Puzzles [N, 81] -> difficulty index [N] into ``DIFFICULTIES`` by clue count, -1 for a count
     that is none of 40 / 35 / 30."""

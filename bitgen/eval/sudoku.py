@@ -146,6 +146,19 @@ def _parse_grid(text: str, where: str, *, blanks: bool) -> np.ndarray:
     return np.frombuffer(text.encode(), np.uint8) - ord("0")
 
 
+def _repeat(grid: np.ndarray) -> str | None:
+    """``row 3 repeats 5`` for the first row, column or box of ``grid`` [81] that holds a digit
+    twice (blanks ignored), else None."""
+    board = grid.reshape(9, 9)
+    boxes = board.reshape(3, 3, 3, 3).transpose(0, 2, 1, 3).reshape(9, 9)
+    for kind, units in (("row", board), ("column", board.T), ("box", boxes)):
+        for i, unit in enumerate(units):
+            counts = np.bincount(unit, minlength=10)[1:]
+            if counts.max() > 1:
+                return f"{kind} {i + 1} repeats {int(counts.argmax()) + 1}"
+    return None
+
+
 def read_puzzles(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Puzzles [N, 81] uint8 and solutions [N, 81] uint8 (None when the file gives none) from a
     ``--puzzles`` file; a malformed line raises ``PuzzleFileError`` naming the line."""
@@ -165,12 +178,19 @@ def read_puzzles(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise PuzzleFileError(f"{where}: a puzzle {kind} a solution, but line {first_kind[1]} is "
                                   f"{first_kind[0]} one; give solutions on every line or on none")
         puzzle = _parse_grid(fields[0], where, blanks=True)
+        if (repeat := _repeat(puzzle)) is not None:
+            raise PuzzleFileError(f"{where}: the puzzle's clues clash ({repeat}); fix the puzzle")
         puzzles.append(puzzle)
         if len(fields) == 2:
             solution = _parse_grid(fields[1], where, blanks=False)
-            if not is_solved(solution[None], puzzle[None])[0]:
-                raise PuzzleFileError(f"{where}: the solution is not a valid Sudoku that keeps the "
-                                      "puzzle's clues; check both grids")
+            if (repeat := _repeat(solution)) is not None:
+                raise PuzzleFileError(f"{where}: the solution is not a valid Sudoku ({repeat}); "
+                                      "fix the solution")
+            changed = np.flatnonzero((puzzle != 0) & (puzzle != solution))
+            if changed.size:
+                r, c = divmod(int(changed[0]), 9)
+                raise PuzzleFileError(f"{where}: the solution changes the clue at row {r + 1}, "
+                                      f"column {c + 1}; fix the puzzle or the solution")
             solutions.append(solution)
     if not puzzles:
         raise PuzzleFileError(f"{path}: no puzzles; write one per line as 81 digits (0 = blank)")
