@@ -358,6 +358,9 @@ def test_is_solved_rejects_a_grid_with_a_repeat():
     assert is_solved(grid[None], np.zeros((1, 81)))[0]
     grid[0], grid[1] = grid[1], grid[1]
     assert not is_solved(grid[None], np.zeros((1, 81)))[0]
+    latin = np.array([(r + c) % 9 + 1 for r in range(9) for c in range(9)])  # rows, columns fine
+    assert not is_solved(latin[None], np.zeros((1, 81)))[0]
+    assert is_solved(latin.reshape(9, 9)[[0, 3, 6, 1, 4, 7, 2, 5, 8]].ravel()[None], np.zeros((1, 81)))[0]
 
 
 # --- puzzle files ---------------------------------------------------------------------------------
@@ -382,6 +385,7 @@ def test_read_puzzles_and_write_predictions_round_trip(tmp_path, truth):
     ("0" * 81 + " " + "0" * 81, "solution character 1 is '0'"),
     ("0" * 81 + " " + "1" * 81, r"not a valid Sudoku \(row 1 repeats 1\)"),
     ("5" + "0" * 8 + "5" + "0" * 71, r"clues clash \(column 1 repeats 5\)"),
+    ("5" + "0" * 9 + "5" + "0" * 70, r"clues clash \(box 1 repeats 5\)"),
     ("0" * 80 + "{last} {good}", "changes the clue at row 9, column 9"),
 ])
 def test_read_puzzles_names_the_bad_line(tmp_path, second_line, fragment):

@@ -12,8 +12,8 @@ last 89 (the solution). Rows hold token ids only, so any family (CoBit with a cl
 continuing the prompt) reads the same arrays.
 
 ``sudoku_rows(cache_dir, seed, ...)`` generates 48k train + 2k validation examples on first use
-(100 s on one shared CPU core when measured) and reuses them after: the rows cache of ``bitgen.data.cache``
-keyed by the generator version, seed, sizes and difficulty mix. The clue count of a row's puzzle
+(about 100 s on one CPU core) and reuses them after: the rows cache of ``bitgen.data.cache``, keyed
+by the generator version, seed, sizes and difficulty mix. The clue count of a row's puzzle
 (40 / 35 / 30) is its difficulty.
 """
 
@@ -34,6 +34,7 @@ from bitgen.data.sudoku_gen import (
     EQUAL_MIX,
     GENERATOR_VERSION,
     SudokuError,
+    difficulty_counts,
     generate_split,
 )
 
@@ -180,6 +181,7 @@ def sudoku_rows(cache_dir: str | Path, seed: int = DEFAULT_SEED, *, n_train: int
                 rebuild: bool = False) -> SudokuRows:
     """Train and validation rows for ``seed``: built on first use under ``cache_dir`` (atomic
     write), reused after. Validation is generated first; the two splits share no solution grid."""
+    difficulty_counts(n_train, mix)  # a bad mix fails before anything is written
     mix = {d: float(w) for d, w in mix.items() if w}
     fingerprint = {"generator": GENERATOR_VERSION, "seed": int(seed), "n_train": int(n_train),
                    "n_valid": int(n_valid), "mix": mix, "row_tokens": ROW_TOKENS}
