@@ -212,11 +212,13 @@ def test_guidance_scale_one_and_zero_are_the_branches():
     three = run(jnp.float32(3.0))
     mf_t, mf_u = matched_filter_llr(x_t, sigma, TINY.mf_clip), matched_filter_llr(x_u, sigma, TINY.mf_clip)
     f_c, f_u = np.asarray(three.conditional - mf_t), np.asarray(three.unconditional - mf_u)
-    # Each recovered f and the mix carry a few float32 roundings of |logit| ≤ |f| + 30 (the mf
-    # clip): 16 ulps of the largest magnitude bounds them (4 roundings × 4 weight on f_c).
-    scale = float(np.max(np.abs(three.guided))) + TINY.mf_clip
+    # M bounds every intermediate's magnitude (the mf is clipped at 30). The guided side takes
+    # 4 roundings (two products, the sum, + mf) and the test's − mf one more; the expected side
+    # 2 (the recovered f's) + 3 (×2, ×3, the sum): |Δ| ≤ 10·u·M with u = 2⁻²⁴.
+    scale = float(TINY.mf_clip + 3 * np.max(np.abs(f_c)) + 2 * np.max(np.abs(f_u))
+                  + np.max(np.abs(three.guided)))
     np.testing.assert_allclose(np.asarray(three.guided - mf_t), -2.0 * f_u + 3.0 * f_c,
-                               atol=16 * scale * 2.0**-24, rtol=0)
+                               atol=10 * scale * 2.0**-24, rtol=0)
 
 
 def _guided_settings(method, sc_mode, gamma, guided=True):

@@ -39,7 +39,7 @@ class Cond:
 
     clamp_mask: jax.Array | None = None  # bool [B,S]: True = known bit
     clamp_bits: jax.Array | None = None  # [B,S] clean values in {0,1} (read where clamp_mask)
-    embedding: jax.Array | None = None  # [B, ...] guidance context
+    embedding: jax.Array | None = None  # [B, ...] context for a network that takes one
     guidance: jax.Array | None = None  # CFG scale, scalar or [B]
     guidance_noise: jax.Array | None = None  # [B,S] ε of clamped bits in the unconditional branch
 

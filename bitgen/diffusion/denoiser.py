@@ -9,7 +9,9 @@ independent-bit posterior is sigmoid((x - ½)/σ²). The network adds the contex
 Everything downstream (loss, samplers, evaluation) calls ``denoise``; nothing calls the network
 directly. The network is a parameter (``network``, default the SDT), so another family's network
 can sit behind the same matched-filter contract; ``cond`` (``bitgen.diffusion.cond.Cond``) carries
-what it may condition on. Logits, D and the matched filter are always float32.
+what it may condition on. Logits, D and the matched filter are always float32. Classifier-free
+guidance over clamped bits is ``guided_denoise``: it mixes the two branches' residuals f_θ and
+adds the matched filter once, unamplified.
 """
 
 from __future__ import annotations
