@@ -70,14 +70,18 @@ def test_loss_ignores_the_noise_at_known_bits(params, mask, seed):
 
 
 @settings(max_examples=16, deadline=None)
-@given(mask=hnp.arrays(bool, (B, S)), logits=hnp.arrays(np.float32, (B, S), elements=st.floats(-8, 8, width=32)),
+@given(mask=hnp.arrays(bool, (B, S)),
+       logits=hnp.arrays(np.float32, (B, S), elements=st.floats(-8, 8, width=32)),
        loss_type=st.sampled_from(["binary_sm", "binary_ce"]))
 def test_gradient_at_known_bits_is_exactly_zero(mask, logits, loss_type):
     # (b) d loss / d logit is 0.0 exactly at every known bit (and not identically 0 elsewhere).
     bits = (np.arange(B * S).reshape(B, S) % 3 == 0).astype(np.uint8)
     sigma = jnp.asarray([0.1, 0.5, 2.0, 9.0], jnp.float32)
-    grad = jax.grad(lambda z: loss_from_logits(z, bits, sigma, loss_type=loss_type, weighting="edm",
-                                               sigma_data=0.5, target_mask=~mask)[0])(jnp.asarray(logits))
+    def loss(z):
+        return loss_from_logits(z, bits, sigma, loss_type=loss_type, weighting="edm",
+                                sigma_data=0.5, target_mask=~mask)[0]
+
+    grad = jax.grad(loss)(jnp.asarray(logits))
     grad = np.asarray(grad)
     assert np.all(grad[mask] == 0.0)
     assert np.all(np.isfinite(grad))
@@ -106,7 +110,7 @@ def test_no_mask_is_the_unmasked_loss(params):
                             diffusion_cfg=DIFF, train=False, noise=noise,
                             sc_mask=jnp.zeros(B, bool), cond_mask=jnp.zeros((B, S), bool))
     # Same positive terms summed in two orders (all [B,S] at once vs per row then rows): each
-    # sum of n terms is within (n-1)·u relatively, the divisions add 2u, so |Δ| ≤ 2(BS+2)u·loss.
+    # sum of n terms is within (n-1)·u relatively, the divisions add 2u: |Δ| ≤ 2(BS+2)u·loss.
     np.testing.assert_allclose(nothing_known, loss, rtol=2 * (B * S + 2) * U, atol=0)
 
 

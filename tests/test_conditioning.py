@@ -210,7 +210,8 @@ def test_guidance_scale_one_and_zero_are_the_branches():
     # w = 3: the residual is extrapolated, the matched filter is not: guided − mf(x_t) equals
     # f_u + 3(f_c − f_u) computed from the branches (each f recovered as logits − mf).
     three = run(jnp.float32(3.0))
-    mf_t, mf_u = matched_filter_llr(x_t, sigma, TINY.mf_clip), matched_filter_llr(x_u, sigma, TINY.mf_clip)
+    mf_t = matched_filter_llr(x_t, sigma, TINY.mf_clip)
+    mf_u = matched_filter_llr(x_u, sigma, TINY.mf_clip)
     f_c, f_u = np.asarray(three.conditional - mf_t), np.asarray(three.unconditional - mf_u)
     # M bounds every intermediate's magnitude (the mf is clipped at 30). The guided side takes
     # 4 roundings (two products, the sum, + mf) and the test's − mf one more; the expected side
@@ -255,12 +256,14 @@ def test_guided_sampler_at_scale_one_is_the_conditional_sampler(method, sc_mode)
     conditional = _draw(_settings(method, sc_mode, 0.3), Cond.clamped(mask, bits), 4,
                         denoiser=plain, params={})
     guided = _draw(_guided_settings(method, sc_mode, 0.3),
-                   Cond.clamped(mask, bits, guidance=jnp.float32(1.0)), 4, denoiser=TOY_GUIDED, params={})
+                   Cond.clamped(mask, bits, guidance=jnp.float32(1.0)), 4, denoiser=TOY_GUIDED,
+                   params={})
     for name in ("bits", "D", "x"):
         np.testing.assert_array_equal(getattr(guided, name), getattr(conditional, name))
     np.testing.assert_array_equal(guided.trace["x0_hat_in"], conditional.trace["x0_hat_in"])
     steered = _draw(_guided_settings(method, sc_mode, 0.3),
-                    Cond.clamped(mask, bits, guidance=jnp.float32(3.0)), 4, denoiser=TOY_GUIDED, params={})
+                    Cond.clamped(mask, bits, guidance=jnp.float32(3.0)), 4, denoiser=TOY_GUIDED,
+                    params={})
     # the scale does act (the final D saturates at the terminal σ; the per-step D does not)
     assert not np.array_equal(steered.trace["D"], conditional.trace["D"])
 
@@ -279,7 +282,8 @@ def test_guided_steps_declare_two_calls_per_denoise(method, sc_mode):
     # The scan body is traced once: traced calls = denoises per step + the final one, each two
     # network passes.
     assert 2 * len(calls) == guided.step.calls_per_step + 2
-    assert result.nfe == guided.nfe == 2 * plain.nfe == model_calls(GRID.shape[0], method, sc_mode, True)
+    assert result.nfe == guided.nfe == 2 * plain.nfe
+    assert guided.nfe == model_calls(GRID.shape[0], method, sc_mode, True)
     assert calls_per_step(method, sc_mode, True) == 2 * calls_per_step(method, sc_mode)
 
 
@@ -292,10 +296,11 @@ def test_sdt_guided_sampler_and_errors():
     assert guided.settings.nfe <= 9 and plain.settings.nfe <= 9
     rng = np.random.default_rng(3)
     mask, bits = rng.random((2, TINY.seq_bits)) < 0.5, rng.integers(0, 2, (2, TINY.seq_bits))
-    out = guided(params, jax.random.key(0), cond=Cond.clamped(mask, bits, guidance=jnp.float32(2.0)))
+    steer = Cond.clamped(mask, bits, guidance=jnp.float32(2.0))
+    out = guided(params, jax.random.key(0), cond=steer)
     np.testing.assert_array_equal(np.asarray(out.bits)[mask], bits[mask])
     with pytest.raises(CondError, match="guided=True"):
-        plain(params, jax.random.key(0), cond=Cond.clamped(mask, bits, guidance=jnp.float32(2.0)))
+        plain(params, jax.random.key(0), cond=steer)
     with pytest.raises(CondError, match="guidance=w"):
         guided(params, jax.random.key(0), cond=Cond.clamped(mask, bits))
     with pytest.raises(CondError, match="embedding"):

@@ -166,7 +166,7 @@ SC_MODES: dict[str, bool] = {"carry": False, "refined": True}  # sampler.sc_mode
 
 
 def make_step(sampler: str, sc_mode: str, guided: bool = False) -> Step:
-    """The step object for ``sampler.name`` / ``sampler.sc_mode`` (classifier-free guided or not)."""
+    """The step object for ``sampler.name`` / ``sampler.sc_mode``, classifier-free guided or not."""
     if sampler not in STEPS or sc_mode not in SC_MODES:
         raise ConfigError(f"unknown sampler/sc_mode {sampler!r}/{sc_mode!r}; choose the sampler "
                           f"from {sorted(STEPS)} and sc_mode from {sorted(SC_MODES)}")
