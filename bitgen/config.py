@@ -84,7 +84,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     **{f"model.{k}": _NON_NEGATIVE for k in ("n_fourier_global", "n_fourier_local")},
     "model.dropout": _UNIT,
     **{f"diffusion.{k}": _POSITIVE for k in ("sigma_data", "p_std", "rho")},
-    "diffusion.self_condition_prob": _FRACTION,
+    **{f"diffusion.{k}": _FRACTION for k in ("self_condition_prob", "cond_dropout")},
     **{f"entropy.{k}": _POSITIVE for k in ("buffer_size", "num_bins", "update_every")},
     **{f"entropy.{k}": _NON_NEGATIVE for k in ("min_per_bin", "warmup_steps", "transition_steps",
                                               "regularizer_c", "regularizer_n")},

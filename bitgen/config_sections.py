@@ -54,6 +54,9 @@ class DiffusionConfig:
     loss_type: str = "binary_sm"  # binary_sm | binary_ce
     loss_weighting: str = "edm"  # edm | unit
     self_condition_prob: float = 0.5
+    # Conditional training (batches with a "cond_mask"): probability that a row's conditioning is
+    # dropped (every bit becomes a target), so one model serves both branches of guidance.
+    cond_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ and the network behind the denoiser contract is a parameter."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,12 +17,21 @@ from hypothesis.extra import numpy as hnp
 from bitgen.config import DiffusionConfig, ModelConfig, SamplerConfig
 from bitgen.diffusion import grids
 from bitgen.diffusion.cond import Cond, CondError
-from bitgen.diffusion.denoiser import denoise, init_params, matched_filter_llr, param_shapes
+from bitgen.diffusion.denoiser import (
+    denoise,
+    guided_denoise,
+    init_params,
+    matched_filter_llr,
+    param_shapes,
+)
 from bitgen.diffusion.entropy_schedule import load_entropy_table
 from bitgen.sampling import (
     build_sampler,
     build_settings,
+    calls_per_step,
     matched_filter_denoiser,
+    model_calls,
+    nfe_to_grid_points,
     sample,
     sdt_denoiser,
 )
@@ -145,3 +156,153 @@ def test_conditioning_errors_name_the_fix():
         Cond.clamped(np.zeros((2, 3), bool), np.zeros((2, 4)))
     with pytest.raises(CondError, match="must match the state"):
         Cond.clamped(np.zeros((2, 3), bool), np.zeros((2, 3))).clamp(jnp.zeros((2, 4)))
+
+
+# ---- classifier-free guidance ---------------------------------------------------------------
+
+class _ToyResidual(nn.Module):
+    """A parameter-free network whose residual depends on x_t, σ and x0_hat (every input live)."""
+
+    cfg: ModelConfig
+    train: bool = False
+
+    def __call__(self, x_t, sigma, x0_hat):
+        return jnp.sin(3.0 * x_t) * sigma[:, None] + 2.0 * x0_hat - 1.0
+
+
+TOY_GUIDED = functools.partial(guided_denoise, cfg=TINY, network=_ToyResidual)
+
+
+def _random_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3 / np.sqrt(s.shape[0]),
+                                              jnp.float32), param_shapes(TINY))
+
+
+def test_guidance_scale_one_and_zero_are_the_branches():
+    # (f) on the tiny SDT: w = 1 is the conditional denoiser exactly; w = 0 is the unconditional
+    # one (the network on x_u with its own SC estimate) exactly at every target bit; known bits
+    # differ only in the matched filter (x_t vs x_u there), and the samplers clamp them anyway.
+    rng = np.random.default_rng(1)
+    params = _random_params()
+    n = TINY.seq_bits
+    mask = rng.random((2, n)) < 0.4
+    bits = rng.integers(0, 2, (2, n))
+    sigma = jnp.asarray([0.4, 3.0], jnp.float32)
+    x_t = jnp.where(mask, bits, 0.5 + sigma[:, None] * rng.normal(size=(2, n))).astype(jnp.float32)
+    x0_c, x0_u = (jnp.asarray(rng.random((2, n)), jnp.float32) for _ in range(2))
+    eps = jnp.asarray(rng.normal(size=(2, n)), jnp.float32)
+    cond = Cond.clamped(mask, bits)
+    run = jax.jit(lambda w: guided_denoise(params, x_t, sigma, (x0_c, x0_u), cfg=TINY,
+                                           cond=cond.replace(guidance=w, guidance_noise=eps)))
+    conditional = jax.jit(lambda: denoise(params, x_t, sigma, x0_c, cfg=TINY, cond=cond))()
+    x_u = jnp.where(mask, bits + sigma[:, None] * eps, x_t)
+    unconditional = jax.jit(lambda: denoise(params, x_u, sigma, x0_u, cfg=TINY))()
+    one, zero = run(jnp.float32(1.0)), run(jnp.float32(0.0))
+    np.testing.assert_array_equal(one.guided, conditional)
+    np.testing.assert_array_equal(one.conditional, conditional)
+    np.testing.assert_array_equal(one.unconditional, unconditional)
+    np.testing.assert_array_equal(np.asarray(zero.guided)[~mask], np.asarray(unconditional)[~mask])
+    per_row = run(jnp.asarray([1.0, 0.0], jnp.float32))  # a scale per row
+    np.testing.assert_array_equal(per_row.guided[0], conditional[0])
+    np.testing.assert_array_equal(np.asarray(per_row.guided[1])[~mask[1]],
+                                  np.asarray(unconditional[1])[~mask[1]])
+    # w = 3: the residual is extrapolated, the matched filter is not: guided − mf(x_t) equals
+    # f_u + 3(f_c − f_u) computed from the branches (each f recovered as logits − mf).
+    three = run(jnp.float32(3.0))
+    mf_t = matched_filter_llr(x_t, sigma, TINY.mf_clip)
+    mf_u = matched_filter_llr(x_u, sigma, TINY.mf_clip)
+    f_c, f_u = np.asarray(three.conditional - mf_t), np.asarray(three.unconditional - mf_u)
+    # M bounds every intermediate's magnitude (the mf is clipped at 30). The guided side takes
+    # 4 roundings (two products, the sum, + mf) and the test's − mf one more; the expected side
+    # 2 (the recovered f's) + 3 (×2, ×3, the sum): |Δ| ≤ 10·u·M with u = 2⁻²⁴.
+    scale = float(TINY.mf_clip + 3 * np.max(np.abs(f_c)) + 2 * np.max(np.abs(f_u))
+                  + np.max(np.abs(three.guided)))
+    np.testing.assert_allclose(np.asarray(three.guided - mf_t), -2.0 * f_u + 3.0 * f_c,
+                               atol=10 * scale * 2.0**-24, rtol=0)
+
+
+def _guided_settings(method, sc_mode, gamma, guided=True):
+    cfg = SamplerConfig(name=method, sc_mode=sc_mode, gamma=gamma, nfe=GRID.shape[0] + 1,
+                        ati_eta=0.3)
+    return build_settings(cfg, GRID, seq_bits=S, table=LM1B, guided=guided)
+
+
+@settings(max_examples=16, deadline=None)
+@given(method=st.sampled_from(METHODS), gamma=st.sampled_from([0.0, 0.3]),
+       mask=hnp.arrays(bool, (B, S)), bits=hnp.arrays(np.uint8, (B, S), elements=st.integers(0, 1)),
+       w=st.floats(-1.0, 4.0, width=32), seed=st.integers(0, 2**16))
+def test_clamped_bits_stay_clean_under_guidance(method, gamma, mask, bits, w, seed):
+    # (g) the property of test_clamped_bits_stay_clean_in_every_state, for guided samplers.
+    cond = Cond.clamped(mask, bits, guidance=jnp.float32(w))
+    result = _draw(_guided_settings(*method, gamma), cond, seed, denoiser=TOY_GUIDED, params={})
+    want = bits[mask].astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(result.bits)[mask], bits[mask])
+    np.testing.assert_array_equal(np.asarray(result.x)[mask], want)
+    for name, per_step in result.trace.items():
+        if name == "x0_hat_uncond_in":  # the unconditional branch has no clamped bits
+            continue
+        if name == "x0_hat_in":
+            per_step = per_step[1:]
+        for i, state in enumerate(np.asarray(per_step)):
+            np.testing.assert_array_equal(state[mask], want, err_msg=f"{name} at step {i}")
+
+
+@pytest.mark.parametrize("method,sc_mode", METHODS)
+def test_guided_sampler_at_scale_one_is_the_conditional_sampler(method, sc_mode):
+    rng = np.random.default_rng(2)
+    mask, bits = rng.random((B, S)) < 0.5, rng.integers(0, 2, (B, S))
+    plain = functools.partial(denoise, cfg=TINY, network=_ToyResidual)
+    conditional = _draw(_settings(method, sc_mode, 0.3), Cond.clamped(mask, bits), 4,
+                        denoiser=plain, params={})
+    guided = _draw(_guided_settings(method, sc_mode, 0.3),
+                   Cond.clamped(mask, bits, guidance=jnp.float32(1.0)), 4, denoiser=TOY_GUIDED,
+                   params={})
+    for name in ("bits", "D", "x"):
+        np.testing.assert_array_equal(getattr(guided, name), getattr(conditional, name))
+    np.testing.assert_array_equal(guided.trace["x0_hat_in"], conditional.trace["x0_hat_in"])
+    steered = _draw(_guided_settings(method, sc_mode, 0.3),
+                    Cond.clamped(mask, bits, guidance=jnp.float32(3.0)), 4, denoiser=TOY_GUIDED,
+                    params={})
+    # the scale does act (the final D saturates at the terminal σ; the per-step D does not)
+    assert not np.array_equal(steered.trace["D"], conditional.trace["D"])
+
+
+@pytest.mark.parametrize("method,sc_mode", METHODS)
+def test_guided_steps_declare_two_calls_per_denoise(method, sc_mode):
+    calls = []
+
+    def counting(params, x, sigma, x0_hat, *, cond):
+        calls.append(1)
+        return TOY_GUIDED(params, x, sigma, x0_hat, cond=cond)
+
+    plain, guided = (_guided_settings(method, sc_mode, 0.0, g) for g in (False, True))
+    result = _draw(guided, Cond.clamped(np.ones((B, S), bool), np.ones((B, S)), guidance=2.0),
+                   denoiser=counting, params={})
+    # The scan body is traced once: traced calls = denoises per step + the final one, each two
+    # network passes.
+    assert 2 * len(calls) == guided.step.calls_per_step + 2
+    assert result.nfe == guided.nfe == 2 * plain.nfe
+    assert guided.nfe == model_calls(GRID.shape[0], method, sc_mode, True)
+    assert calls_per_step(method, sc_mode, True) == 2 * calls_per_step(method, sc_mode)
+
+
+def test_sdt_guided_sampler_and_errors():
+    params = _random_params()
+    sampler_cfg = SamplerConfig(nfe=9, batch_size=2, gamma=0.3)
+    guided = build_sampler(TINY, sampler_cfg, LM1B, TINY.seq_bits, DiffusionConfig(), guided=True)
+    plain = build_sampler(TINY, sampler_cfg, LM1B, TINY.seq_bits, DiffusionConfig())
+    assert len(guided.grid) == nfe_to_grid_points(9, "ddim", "carry", True) == 4
+    assert guided.settings.nfe <= 9 and plain.settings.nfe <= 9
+    rng = np.random.default_rng(3)
+    mask, bits = rng.random((2, TINY.seq_bits)) < 0.5, rng.integers(0, 2, (2, TINY.seq_bits))
+    steer = Cond.clamped(mask, bits, guidance=jnp.float32(2.0))
+    out = guided(params, jax.random.key(0), cond=steer)
+    np.testing.assert_array_equal(np.asarray(out.bits)[mask], bits[mask])
+    with pytest.raises(CondError, match="guided=True"):
+        plain(params, jax.random.key(0), cond=steer)
+    with pytest.raises(CondError, match="guidance=w"):
+        guided(params, jax.random.key(0), cond=Cond.clamped(mask, bits))
+    with pytest.raises(CondError, match="embedding"):
+        guided_denoise(params, jnp.zeros((2, TINY.seq_bits)), jnp.ones(2), (None, None), cfg=TINY,
+                       cond=Cond(embedding=jnp.ones((2, 1)), guidance=1.0))

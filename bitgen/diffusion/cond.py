@@ -7,9 +7,13 @@ contract").
   value D to the bit, and so return it unchanged in the final bits. The self-conditioning
   estimate starts at zeros (no estimate) for every bit, as without ``cond``; from the second step
   on it is the clamped D.
-* ``embedding`` [B, ...]: context for a network that takes one (guidance), or None.
-* ``guidance``: classifier-free guidance scale (scalar or [B]) for the network's residual, or
-  None. The slot is plumbed through; no network applies it yet.
+* ``embedding`` [B, ...]: context for a network that takes one, or None.
+* ``guidance``: classifier-free guidance scale w (scalar or [B]) over the clamped bits, or None.
+  ``bitgen.diffusion.denoiser.guided_denoise`` applies it to the network residual only (w = 1:
+  the conditional model, w = 0: the unconditional one); samplers built with ``guided=True`` call
+  it. ``guidance_noise`` [B,S] standard normal: ε of the clamped bits in the unconditional
+  branch, which sees them noised (bit + σ·ε) as rows with dropped conditioning are in training;
+  the samplers fill it from their initial noise when it is None.
 
 ``cond=None`` everywhere means the unconditional model, bit for bit. A ``Cond`` is a pytree: pass
 it to jitted functions as an ordinary argument (its arrays are traced, so new prompts reuse the
@@ -35,8 +39,9 @@ class Cond:
 
     clamp_mask: jax.Array | None = None  # bool [B,S]: True = known bit
     clamp_bits: jax.Array | None = None  # [B,S] clean values in {0,1} (read where clamp_mask)
-    embedding: jax.Array | None = None  # [B, ...] guidance context
+    embedding: jax.Array | None = None  # [B, ...] context for a network that takes one
     guidance: jax.Array | None = None  # CFG scale, scalar or [B]
+    guidance_noise: jax.Array | None = None  # [B,S] ε of clamped bits in the unconditional branch
 
     @classmethod
     def clamped(cls, mask, bits, **fields) -> Cond:

@@ -9,14 +9,16 @@ independent-bit posterior is sigmoid((x - ½)/σ²). The network adds the contex
 Everything downstream (loss, samplers, evaluation) calls ``denoise``; nothing calls the network
 directly. The network is a parameter (``network``, default the SDT), so another family's network
 can sit behind the same matched-filter contract; ``cond`` (``bitgen.diffusion.cond.Cond``) carries
-what it may condition on. Logits, D and the matched filter are always float32.
+what it may condition on. Logits, D and the matched filter are always float32. Classifier-free
+guidance over clamped bits is ``guided_denoise``: it mixes the two branches' residuals f_θ and
+adds the matched filter once, unamplified.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -138,8 +140,8 @@ def residual_logits(
     """
     _check_inputs(x_t, sigma, x0_hat, cfg)
     if cond is not None and cond.guidance is not None:
-        raise CondError("cond.guidance (classifier-free guidance) is not implemented yet; "
-                        "leave it None")
+        raise CondError("cond.guidance is applied by guided_denoise (samplers built with "
+                        "guided=True call it); pass denoise a Cond without guidance")
     rngs = {}
     if train and cfg.dropout > 0.0:
         if key is None:
@@ -180,6 +182,79 @@ def denoise(
     f_theta = residual_logits(params, x_t, sigma, x0_hat, cfg=cfg, cond=cond, key=key, train=train,
                               network=network)
     return combine_logits(f_theta, x_t, sigma, cfg=cfg)
+
+
+class GuidedLogits(NamedTuple):
+    """Per-bit logits [B, S] float32 of one guided call: the guided mix, and each branch alone
+    (the conditional branch on x_t, the unconditional one on ``unconditional_input``)."""
+
+    guided: Array
+    conditional: Array
+    unconditional: Array
+
+
+def unconditional_input(x_t: Array, sigma: Array, cond: Cond) -> Array:
+    """x_t [B, S] as the unconditional branch sees it: each clamped bit noised to
+    bit + σ·``cond.guidance_noise`` (as training noises a row whose conditioning was dropped),
+    every other bit unchanged. sigma [B]."""
+    if cond.clamp_mask is None or cond.guidance_noise is None:
+        raise CondError("guidance needs cond.clamp_mask and cond.guidance_noise [batch, bits]; "
+                        "build the Cond with Cond.clamped(mask, bits, guidance=w) and sample "
+                        "through a guided sampler (it fills the noise)")
+    noised = cond.clamp_bits.astype(jnp.float32) + sigma.astype(jnp.float32)[:, None] * \
+        cond.guidance_noise.astype(jnp.float32)
+    return jnp.where(cond.clamp_mask, noised, x_t.astype(jnp.float32))
+
+
+def guided_denoise(
+    params: Params,
+    x_t: Array,
+    sigma: Array,
+    x0_hat: tuple[Array, Array],
+    *,
+    cfg: ModelConfig,
+    cond: Cond,
+    network: Network = SDT,
+) -> GuidedLogits:
+    """Classifier-free guidance over clamped bits: two network calls, one per branch.
+
+    x_t [B, S] holds the clamped bits clean (the conditional input); sigma [B]; x0_hat =
+    (conditional, unconditional) self-conditioning estimates [B, S], one per branch. With
+    w = ``cond.guidance`` (scalar or [B]):
+
+        f_c = f_θ(x_t, σ, x0_c)       f_u = f_θ(x_u, σ, x0_u)   x_u = unconditional_input(x_t)
+        guided = combine((1 - w)·f_u + w·f_c, x_t, σ)  = mf(x_t, σ) + f_u + w·(f_c − f_u)
+
+    Guidance acts on the network residual f_θ only, before the matched filter is added
+    (``combine_logits``): mf is the exact likelihood of the observed x_t, known information
+    rather than a model preference, and amplifying it by w would over-trust the noisy state
+    (sharpen D at high σ) instead of extrapolating the condition's effect. The (1 − w)/w form
+    makes w = 1 the conditional logits and w = 0 the unconditional residual exactly (0·f is
+    ±0). ``conditional`` / ``unconditional`` are each branch's own logits (the unconditional on
+    x_u), from which the samplers keep one self-conditioning state per branch. The
+    unconditional branch gets no embedding (guidance over an embedding is refused).
+    """
+    if cond.guidance is None:
+        raise CondError("guided_denoise needs cond.guidance (the scale w); set it or call denoise")
+    if cond.embedding is not None:
+        raise CondError("guidance over an embedding is not defined (the unconditional branch "
+                        "drops clamped bits only); drop cond.embedding or cond.guidance")
+    x0_cond, x0_uncond = x0_hat
+    x_uncond = unconditional_input(x_t, sigma, cond)
+    if cfg.logit_scaling == "matched_filter_only":  # no network: both branches are the filter
+        f_cond = f_uncond = jnp.zeros(x_t.shape, jnp.float32)
+    else:
+        plain = cond.replace(guidance=None, guidance_noise=None)
+        f_cond = residual_logits(params, x_t, sigma, x0_cond, cfg=cfg, cond=plain,
+                                 network=network).astype(jnp.float32)
+        f_uncond = residual_logits(params, x_uncond, sigma, x0_uncond, cfg=cfg,
+                                   network=network).astype(jnp.float32)
+    w = jnp.asarray(cond.guidance, jnp.float32)
+    w = w[:, None] if w.ndim == 1 else w
+    mixed = (1.0 - w) * f_uncond + w * f_cond
+    return GuidedLogits(guided=combine_logits(mixed, x_t, sigma, cfg=cfg),
+                        conditional=combine_logits(f_cond, x_t, sigma, cfg=cfg),
+                        unconditional=combine_logits(f_uncond, x_uncond, sigma, cfg=cfg))
 
 
 def matched_filter_denoiser(params, x_t: Array, sigma: Array, x0_hat: Array | None, *,

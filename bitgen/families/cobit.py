@@ -41,11 +41,18 @@ class CoBit:
         from bitgen.diffusion.loss import diffusion_loss
         from bitgen.train.step import StepFns
 
-        def loss(params, bits, sigma, key):
+        def loss(params, bits, sigma, key, cond_mask=None):
+            # cond_mask [B,S] (batch entry "cond_mask", True = known bit): conditional training.
             value, aux = diffusion_loss(params, bits, sigma, key, model_cfg=cfg.model,
-                                        diffusion_cfg=cfg.diffusion, train=True)
+                                        diffusion_cfg=cfg.diffusion, train=True,
+                                        cond_mask=cond_mask)
             mse = aux["mse_per_sample"]
-            return value, ({"mse": jnp.mean(mse)}, mse)
+            if cond_mask is None:
+                return value, ({"mse": jnp.mean(mse)}, mse)
+            # Rows without target bits have MSE NaN: the schedule drops them, the metric skips them.
+            scored = jnp.isfinite(mse)
+            mean_mse = jnp.sum(jnp.where(scored, mse, 0.0)) / jnp.maximum(jnp.sum(scored), 1)
+            return value, ({"mse": mean_mse}, mse)
 
         def draw_cond(schedule, key, batch, step):
             return es.draw_training_sigma(schedule, key, batch, step, cfg.entropy, cfg.diffusion)
@@ -59,7 +66,8 @@ class CoBit:
             init_params=lambda key: init_params(key, cfg.model),
             param_axes=param_logical_axes(cfg.model),
             init_schedule=lambda: es.init_schedule_state(cfg.entropy, cfg.diffusion),
-            step_fns=StepFns(input_key="bits", loss=loss, draw_cond=draw_cond,
+            step_fns=StepFns(input_key="bits", loss=loss, optional_inputs=("cond_mask",),
+                             draw_cond=draw_cond,
                              update_schedule=update_schedule,
                              cond_metrics=lambda sigma: {"sigma_median": jnp.median(sigma)}),
         )

@@ -13,6 +13,13 @@ Denoiser contract: ``denoiser(params, x [B,S], sigma [B], x0_hat [B,S]) -> logit
 the model config with ``functools.partial``. It is a static argument, so pass the same callable
 object to reuse the compiled program. With a ``cond`` every state (x_init, x̂, the Heun predictor,
 x') and every D hold the clamped bits at their clean value.
+
+Guided sampling (``settings.guided``, a ``cond`` with ``clamp_mask`` and ``guidance``): the
+denoiser is a guided one, ``denoiser(params, x, sigma, (x0_c, x0_u), cond=cond) ->
+GuidedLogits`` (``bitgen.diffusion.denoiser.guided_denoise`` bound to a config); the steps move
+x with the guided D (clamped) and the driver carries one self-conditioning state per branch,
+each branch's own D (the conditional one clamped). Guidance is applied inside the denoiser, to
+the network residual only (see ``guided_denoise``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from bitgen.diffusion.cond import Cond
+from bitgen.diffusion.cond import Cond, CondError
 from bitgen.diffusion.denoiser import denoised_mean
 from bitgen.sampling.settings import SamplerSettings
 from bitgen.sampling.steps import StepOps, StepSchedule, churn, initial_state
@@ -87,24 +94,51 @@ def _denoise(denoiser: Denoiser, params, x, sigma, x0_hat) -> jax.Array:
     return denoised_mean(denoiser(params, x, sigma_b, x0_hat))
 
 
-def step_ops(params, denoiser: Denoiser, cond: Cond | None = None) -> StepOps:
-    """The denoise/clamp pair the steps call; ``cond=None`` adds no operation at all."""
+def step_ops(params, denoiser: Denoiser, cond: Cond | None = None, guided: bool = False) -> StepOps:
+    """The denoise/clamp pair the steps call; ``cond=None`` adds no operation at all.
+
+    ``guided``: ``denoiser`` is a guided one (module doc) and the SC state is a pair.
+    """
     if cond is None:
-        return StepOps(denoise=lambda x, sigma, x0_hat: _denoise(denoiser, params, x, sigma, x0_hat),
-                       impose=lambda x: x)
+        def plain(x, sigma, x0_hat):
+            D = _denoise(denoiser, params, x, sigma, x0_hat)
+            return D, D
+
+        return StepOps(denoise=plain, impose=lambda x: x)
     conditioned = functools.partial(denoiser, cond=cond)
-    return StepOps(
-        denoise=lambda x, sigma, x0_hat: cond.clamp(_denoise(conditioned, params, x, sigma, x0_hat)),
-        impose=cond.clamp)
+    if guided:
+        def mixed(x, sigma, sc):
+            out = conditioned(params, x, jnp.broadcast_to(sigma, x.shape[:1]), sc)
+            return cond.clamp(denoised_mean(out.guided)), (
+                cond.clamp(denoised_mean(out.conditional)), denoised_mean(out.unconditional))
+
+        return StepOps(denoise=mixed, impose=cond.clamp)
+
+    def clamped(x, sigma, x0_hat):
+        D = cond.clamp(_denoise(conditioned, params, x, sigma, x0_hat))
+        return D, D
+
+    return StepOps(denoise=clamped, impose=cond.clamp)
+
+
+def _check_guidance(settings: SamplerSettings, cond: Cond | None) -> None:
+    guidance = cond is not None and cond.guidance is not None
+    if guidance and not settings.guided:
+        raise CondError("cond.guidance needs a guided sampler (two network calls per denoise); "
+                        "build it with build_sampler(..., guided=True)")
+    if settings.guided and not (guidance and cond.clamp_mask is not None):
+        raise CondError("a guided sampler needs cond=Cond.clamped(mask, bits, guidance=w); "
+                        "pass one or build the sampler with guided=False")
 
 
 def sampler_step(params, carry: tuple[jax.Array, jax.Array], sched: StepSchedule,
                  noise: jax.Array, *, settings: SamplerSettings, denoiser: Denoiser,
                  cond: Cond | None = None):
-    """One grid interval. carry = (x [B,S], x0_hat [B,S]); sched holds this step's scalars;
-    noise [B,S] standard normal (used only if churned). Returns (new carry, trace dict)."""
+    """One grid interval. carry = (x [B,S], SC state: x0_hat [B,S], or one per branch when
+    guided); sched holds this step's scalars; noise [B,S] standard normal (used only if
+    churned). Returns (new carry, trace dict)."""
     x, x0_hat = carry
-    ops = step_ops(params, denoiser, cond)
+    ops = step_ops(params, denoiser, cond, settings.guided)
     x_hat = ops.impose(churn(x, noise, sched, settings.s_noise))
     return settings.step(x_hat, x0_hat, sched, ops)
 
@@ -117,12 +151,17 @@ def integrate(params, x_init: jax.Array, grid: jax.Array, settings: SamplerSetti
 
     Churn noise comes from ``noise_churn`` [N-1,B,S] when given, else from
     ``fold_in(key_churn, i)`` (and is not drawn at all when no step churns). ``sigma_delta``
-    [N-1] replaces the computed churn std. ``cond`` clamps bits (x_init included). Not jitted.
+    [N-1] replaces the computed churn std. ``cond`` clamps bits (x_init included) and, with
+    ``settings.guided``, carries the guidance scale and ``guidance_noise``. Not jitted.
     """
+    _check_guidance(settings, cond)
     sched = step_schedule(grid, settings, sigma_delta)
     steps = jnp.arange(settings.n_points - 1)
-    ops = step_ops(params, denoiser, cond)
+    ops = step_ops(params, denoiser, cond, settings.guided)
     x_init = ops.impose(jnp.asarray(x_init, jnp.float32))
+    sc_init = jnp.zeros_like(x_init)
+    if settings.guided:
+        sc_init = (sc_init, jnp.zeros_like(x_init))
 
     def body(carry, inputs):
         i, sched_i, recorded = inputs
@@ -137,11 +176,19 @@ def integrate(params, x_init: jax.Array, grid: jax.Array, settings: SamplerSetti
         return carry, (trace if return_trace else None)
 
     recorded = steps if noise_churn is None else jnp.asarray(noise_churn, jnp.float32)
-    (x, x0_hat), trace = jax.lax.scan(body, (x_init, jnp.zeros_like(x_init)),
-                                      (steps, sched, recorded))
+    (x, x0_hat), trace = jax.lax.scan(body, (x_init, sc_init), (steps, sched, recorded))
     grid = jnp.asarray(grid, jnp.float32)
-    D = ops.denoise(x, ati_label(grid[-1], grid[-2], settings.ati_eta), x0_hat)
+    D, _ = ops.denoise(x, ati_label(grid[-1], grid[-2], settings.ati_eta), x0_hat)
     return SampleResult(bits=(D > 0.5).astype(jnp.uint8), D=D, x=x, trace=trace, nfe=settings.nfe)
+
+
+def _with_guidance_noise(settings: SamplerSettings, cond: Cond | None, noise_init) -> Cond | None:
+    """A guided ``cond`` without ``guidance_noise`` takes the initial noise ε [B,S]: the
+    unconditional branch then sees each clamped bit at bit + σ·ε, the path x_init would have
+    followed there had the bit been generated (one ε per bit for the whole trajectory)."""
+    if not settings.guided or cond is None or cond.guidance_noise is not None:
+        return cond
+    return cond.replace(guidance_noise=jnp.asarray(noise_init, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "settings", "denoiser", "return_trace"))
@@ -157,6 +204,7 @@ def sample(params, key: jax.Array, *, batch: int, grid: jax.Array, settings: Sam
         raise ValueError("settings.seq_bits must be set (build_settings(..., seq_bits=S))")
     key_init, key_churn = jax.random.split(key)
     noise_init = jax.random.normal(key_init, (batch, settings.seq_bits), jnp.float32)
+    cond = _with_guidance_noise(settings, cond, noise_init)
     return integrate(params, initial_state(noise_init, jnp.asarray(grid)[0]), grid, settings,
                      denoiser, cond=cond, key_churn=key_churn, return_trace=return_trace)
 
@@ -171,6 +219,7 @@ def sample_from_noise(params, noise_init: jax.Array, noise_churn: jax.Array, *, 
     ``sigma_delta`` [N-1] optionally replaces the computed churn std (the reference's float32
     sqrt is not correctly rounded, so bit-exact replays use its stored values).
     """
+    cond = _with_guidance_noise(settings, cond, noise_init)
     return integrate(params, initial_state(noise_init, jnp.asarray(grid)[0]), grid, settings,
                      denoiser, cond=cond, noise_churn=noise_churn, sigma_delta=sigma_delta,
                      return_trace=return_trace)

@@ -28,7 +28,8 @@ class SamplerSettings:
     method: "ddim" (Euler / DDIM η=0) | "heun" (EDM Alg. 2); sc_mode: "carry" | "refined"
     (together they name the step object, ``step``); gammas: churn γ_i per grid interval
     (length N-1; 0 = no churn on that step); s_noise: churn noise scale; ati_eta: ATI label shift
-    (0 = off); seq_bits: S.
+    (0 = off); seq_bits: S; guided: classifier-free guidance (every denoise runs both branches,
+    the sampler needs a ``Cond`` with ``guidance``).
     """
 
     method: str
@@ -37,6 +38,7 @@ class SamplerSettings:
     s_noise: float = 1.003
     ati_eta: float = 0.0
     seq_bits: int = 0
+    guided: bool = False
 
     def __post_init__(self):
         make_step(self.method, self.sc_mode)  # validates the pair
@@ -54,12 +56,13 @@ class SamplerSettings:
     @property
     def step(self) -> Step:
         """The step object of ``method`` / ``sc_mode``."""
-        return make_step(self.method, self.sc_mode)
+        return make_step(self.method, self.sc_mode, self.guided)
 
     @property
     def nfe(self) -> int:
-        """Actual denoiser calls (incl. the final denoise)."""
-        return self.step.calls_per_step * len(self.gammas) + 1
+        """Actual network calls (incl. the final denoise)."""
+        step = self.step
+        return step.calls_per_step * len(self.gammas) + step.calls_per_denoise
 
 
 def churn_gammas(grid: np.ndarray, s_churn: float, window: tuple[float, float] | None) -> np.ndarray:
@@ -80,8 +83,9 @@ def churn_gammas(grid: np.ndarray, s_churn: float, window: tuple[float, float] |
 
 def build_settings(sampler_cfg: SamplerConfig, grid: np.ndarray, *, seq_bits: int,
                    table: EntropyTable | None,
-                   diffusion_cfg: DiffusionConfig | None = None) -> SamplerSettings:
-    """Settings for ``grid`` from a SamplerConfig.
+                   diffusion_cfg: DiffusionConfig | None = None,
+                   guided: bool = False) -> SamplerSettings:
+    """Settings for ``grid`` from a SamplerConfig (``guided``: see ``SamplerSettings``).
 
     S_churn = gamma·(nfe − 1) as in the reference configs (so the per-step γ is
     gamma·(nfe−1)/(N−1)); the churn window is the entropy-CDF quantile window
@@ -97,13 +101,15 @@ def build_settings(sampler_cfg: SamplerConfig, grid: np.ndarray, *, seq_bits: in
     return SamplerSettings(
         method=sampler_cfg.name, sc_mode=sampler_cfg.sc_mode,
         gammas=tuple(float(g) for g in churn_gammas(grid, s_churn, window)),
-        s_noise=sampler_cfg.s_noise, ati_eta=sampler_cfg.ati_eta, seq_bits=int(seq_bits))
+        s_noise=sampler_cfg.s_noise, ati_eta=sampler_cfg.ati_eta, seq_bits=int(seq_bits),
+        guided=guided)
 
 
 def sampling_grid(sampler_cfg: SamplerConfig, table: EntropyTable | None,
-                  diffusion_cfg: DiffusionConfig) -> np.ndarray:
-    """The σ-grid a SamplerConfig asks for (grid type, N from nfe, terminal σ, σ_max)."""
-    n = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode)
+                  diffusion_cfg: DiffusionConfig, guided: bool = False) -> np.ndarray:
+    """The σ-grid a SamplerConfig asks for (grid type, N from nfe and ``guided``, terminal σ,
+    σ_max)."""
+    n = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode, guided)
     if n < 2:
         raise ConfigError(f"sampler.nfe={sampler_cfg.nfe} leaves fewer than 2 grid points for "
                           f"{sampler_cfg.name}/{sampler_cfg.sc_mode}; raise sampler.nfe")

@@ -1,10 +1,12 @@
 """Per-step arithmetic of the samplers and one step object per method (spec §5.2-5.5).
 
 A step object advances one grid interval from the churned state x̂ and declares how many
-denoiser calls that takes (``calls_per_step``, the SC "refined" refresh included); the NFE
-accounting (``calls_per_step``, ``nfe_to_grid_points``, ``model_calls``) reads that declaration.
-Steps reach the network only through ``StepOps`` (denoise + clamp), so conditioning and replay
-need no change here.
+network calls that takes (``calls_per_step``: the SC "refined" refresh included, doubled when the
+step is guided, since every guided denoise runs both branches); the NFE accounting
+(``calls_per_step``, ``nfe_to_grid_points``, ``model_calls``) reads that declaration. Steps reach
+the network only through ``StepOps`` (denoise + clamp), so conditioning, guidance and replay need
+no change here: the self-conditioning state is opaque to a step (one array, or one per guidance
+branch) and ``denoise`` returns the next one beside D.
 
 Arithmetic follows the reference op by op in float32 (σ̂ = σ_i·float32(1+γ_i);
 x̂ = x + δ·(ε·S_noise); d = (−σ̂)·((D − x̂)/(σ̂·σ̂)); x' = x̂ + (σ_{i+1} − σ̂)·d), which makes the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +46,21 @@ class StepSchedule(NamedTuple):
 class StepOps(NamedTuple):
     """What a step may call besides arithmetic.
 
-    denoise(x [B,S], label σ (scalar), x0_hat [B,S]) -> D [B,S] float32 in [0,1], clamped bits
-    already set to their clean value; impose(x [B,S]) -> x with clamped bits re-imposed.
+    denoise(x [B,S], label σ (scalar), sc) -> (D [B,S] float32 in [0,1] with clamped bits at
+    their clean value, sc'): sc is the self-conditioning state, x0_hat [B,S] (sc' = D) or, when
+    guided, one [B,S] estimate per branch (sc' = each branch's own D). impose(x [B,S]) -> x with
+    clamped bits re-imposed.
     """
 
-    denoise: Callable[[Array, Array, Array], Array]
+    denoise: Callable[[Array, Array, Any], tuple[Array, Any]]
     impose: Callable[[Array], Array]
+
+
+def _sc_trace(sc) -> dict:
+    """Trace entries of an SC state: ``x0_hat_in`` (+ ``x0_hat_uncond_in`` when guided)."""
+    if isinstance(sc, tuple):
+        return {"x0_hat_in": sc[0], "x0_hat_uncond_in": sc[1]}
+    return {"x0_hat_in": sc}
 
 
 def _rounded(v: jax.Array) -> jax.Array:
@@ -86,28 +97,37 @@ class Step:
     """One grid interval: x̂ -> x' (+ the self-conditioning estimate for the next step).
 
     ``network_calls``: denoiser calls of the update itself; ``refine_sc`` adds one call that
-    refreshes the SC estimate at the new state (sc_mode "refined"; "carry" reuses D).
-    ``__call__(x_hat, x0_hat, sched, ops) -> ((x', x0_hat'), trace)``; trace holds x_hat, D,
-    x0_hat_in, x and the method's own intermediates, each [B,S].
+    refreshes the SC estimate at the new state (sc_mode "refined"; "carry" reuses D); ``guided``
+    doubles every call (two network passes per guided denoise).
+    ``__call__(x_hat, sc, sched, ops) -> ((x', sc'), trace)``; trace holds x_hat, D, x0_hat_in
+    (+ x0_hat_uncond_in when guided), x and the method's own intermediates, each [B,S].
     """
 
     refine_sc: bool = False
+    guided: bool = False
     network_calls: ClassVar[int] = 0
 
     @property
     def calls_per_step(self) -> int:
-        return self.network_calls + int(self.refine_sc)
+        return (self.network_calls + int(self.refine_sc)) * self.calls_per_denoise
 
-    def __call__(self, x_hat: Array, x0_hat: Array, sched: StepSchedule, ops: StepOps):
-        D = ops.denoise(x_hat, sched.label, x0_hat)
-        x_new, extra = self.update(x_hat, D, sched, ops)
+    @property
+    def calls_per_denoise(self) -> int:
+        """Network calls of one denoise (the final one included): 2 when guided, else 1."""
+        return 2 if self.guided else 1
+
+    def __call__(self, x_hat: Array, sc, sched: StepSchedule, ops: StepOps):
+        D, sc_next = ops.denoise(x_hat, sched.label, sc)
+        x_new, extra = self.update(x_hat, D, sc_next, sched, ops)
         x_new = ops.impose(x_new)
-        x0_new = ops.denoise(x_new, sched.label_next, D) if self.refine_sc else D
-        return (x_new, x0_new), {"x_hat": x_hat, "D": D, "x0_hat_in": x0_hat, **extra, "x": x_new}
+        if self.refine_sc:
+            sc_next = ops.denoise(x_new, sched.label_next, sc_next)[1]
+        return (x_new, sc_next), {"x_hat": x_hat, "D": D, **_sc_trace(sc), **extra, "x": x_new}
 
-    def update(self, x_hat: Array, D: Array, sched: StepSchedule,
+    def update(self, x_hat: Array, D: Array, sc, sched: StepSchedule,
                ops: StepOps) -> tuple[Array, dict]:
-        """x' [B,S] from x̂ and its denoised D, and the method's trace entries."""
+        """x' [B,S] from x̂, its denoised D and the SC state D came with, and the method's trace
+        entries."""
         raise NotImplementedError
 
 
@@ -117,7 +137,7 @@ class EulerStep(Step):
 
     network_calls: ClassVar[int] = 1
 
-    def update(self, x_hat, D, sched, ops):
+    def update(self, x_hat, D, sc, sched, ops):
         h = sched.sigma_next - sched.sigma_hat
         return x_hat + _rounded(h * direction(D, x_hat, sched.sigma_hat)), {}
 
@@ -126,16 +146,17 @@ class EulerStep(Step):
 class HeunStep(Step):
     """Heun (EDM Alg. 2): Euler predictor x_pred, corrector at σ_{i+1} averaging both directions.
 
-    Two calls; the predictor feeds D as the corrector's SC estimate, as the reference does.
+    Two calls; the predictor feeds its D (per branch when guided) as the corrector's SC
+    estimate, as the reference does.
     """
 
     network_calls: ClassVar[int] = 2
 
-    def update(self, x_hat, D, sched, ops):
+    def update(self, x_hat, D, sc, sched, ops):
         d = direction(D, x_hat, sched.sigma_hat)
         h = sched.sigma_next - sched.sigma_hat
         x_pred = ops.impose(x_hat + _rounded(h * d))
-        D2 = ops.denoise(x_pred, sched.label_next, D)
+        D2, _ = ops.denoise(x_pred, sched.label_next, sc)
         x_new = x_hat + _rounded((0.5 * h) * (d + direction(D2, x_pred, sched.sigma_next)))
         return x_new, {"x_pred": x_pred, "D2": D2}
 
@@ -144,31 +165,34 @@ STEPS: dict[str, type[Step]] = {"ddim": EulerStep, "heun": HeunStep}  # sampler.
 SC_MODES: dict[str, bool] = {"carry": False, "refined": True}  # sampler.sc_mode -> refine_sc
 
 
-def make_step(sampler: str, sc_mode: str) -> Step:
-    """The step object for ``sampler.name`` / ``sampler.sc_mode``."""
+def make_step(sampler: str, sc_mode: str, guided: bool = False) -> Step:
+    """The step object for ``sampler.name`` / ``sampler.sc_mode``, classifier-free guided or not."""
     if sampler not in STEPS or sc_mode not in SC_MODES:
         raise ConfigError(f"unknown sampler/sc_mode {sampler!r}/{sc_mode!r}; choose the sampler "
                           f"from {sorted(STEPS)} and sc_mode from {sorted(SC_MODES)}")
-    return STEPS[sampler](refine_sc=SC_MODES[sc_mode])
+    return STEPS[sampler](refine_sc=SC_MODES[sc_mode], guided=guided)
 
 
-def calls_per_step(sampler: str, sc_mode: str) -> int:
-    """Denoiser calls per grid interval, as the step declares it: DDIM 1, Heun 2, +1 refined SC."""
-    return make_step(sampler, sc_mode).calls_per_step
+def calls_per_step(sampler: str, sc_mode: str, guided: bool = False) -> int:
+    """Network calls per grid interval, as the step declares it: DDIM 1, Heun 2, +1 refined SC,
+    all doubled when guided."""
+    return make_step(sampler, sc_mode, guided).calls_per_step
 
 
-def nfe_to_grid_points(nfe: int, sampler: str, sc_mode: str) -> int:
+def nfe_to_grid_points(nfe: int, sampler: str, sc_mode: str, guided: bool = False) -> int:
     """Number of σ-grid points N for a target NFE label, as the reference computes it.
 
     The reference sets N = (nfe - 1) // calls_per_step and calls the run "nfe"; since N points
     give N - 1 intervals, the real count is calls_per_step*(N-1) + 1 (e.g. "256 NFE" DDIM+carry
-    = 255 points = 255 denoiser calls). See ``model_calls``.
+    = 255 points = 255 denoiser calls). See ``model_calls``. Guided, the same budget buys half the
+    intervals.
     """
     if nfe < 2:
         raise ConfigError(f"sampler.nfe={nfe} must be >= 2")
-    return max(1, (nfe - 1) // calls_per_step(sampler, sc_mode))
+    return max(1, (nfe - 1) // calls_per_step(sampler, sc_mode, guided))
 
 
-def model_calls(n_points: int, sampler: str, sc_mode: str) -> int:
-    """Actual denoiser calls of a sampler run on an N-point grid (incl. the final denoise)."""
-    return calls_per_step(sampler, sc_mode) * (n_points - 1) + 1
+def model_calls(n_points: int, sampler: str, sc_mode: str, guided: bool = False) -> int:
+    """Actual network calls of a sampler run on an N-point grid (incl. the final denoise)."""
+    step = make_step(sampler, sc_mode, guided)
+    return step.calls_per_step * (n_points - 1) + step.calls_per_denoise

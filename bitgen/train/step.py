@@ -27,7 +27,7 @@ from bitgen.config import ExperimentConfig
 from bitgen.train.optim import ema_update, learning_rate_schedule
 from bitgen.train.state import TrainState
 
-# (params, inputs [b, ...], cond (pytree of [b] arrays), key) ->
+# (params, inputs [b, ...], cond (pytree of [b] arrays), key, **optional inputs [b, ...]) ->
 #     (scalar loss, (metrics: dict of scalars, per_row: pytree of [b] arrays))
 LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
 
@@ -46,6 +46,8 @@ class StepFns:
 
     input_key:       the batch entry the loss reads (``bits`` for CoBit, ``ids`` for AR).
     loss:            see ``LossFn``; ``metrics`` are averaged over micro-batches.
+    optional_inputs: batch entries [B, ...] passed to the loss as keyword arguments when the
+                     batch carries them (CoBit: ``cond_mask``); absent entries are not passed.
     draw_cond:       (schedule, key, batch_size, step) -> per-row conditioning (pytree of [B]).
     update_schedule: (schedule, cond, per_row [B] pytree, step_after) -> schedule.
     cond_metrics:    cond -> dict of scalar metrics logged each step.
@@ -53,6 +55,7 @@ class StepFns:
 
     input_key: str
     loss: LossFn
+    optional_inputs: tuple[str, ...] = ()
     draw_cond: Callable[[Any, jax.Array, int, jax.Array], Any] = _no_cond
     update_schedule: Callable[[Any, Any, Any, jax.Array], Any] = _keep_schedule
     cond_metrics: Callable[[Any], dict[str, jax.Array]] = lambda cond: {}
@@ -101,9 +104,12 @@ def make_train_step(
         cond = fns.draw_cond(state.schedule, cond_key, global_batch, state.step)
         grad_fn = jax.value_and_grad(fns.loss, has_aux=True)
 
+        extras = {k: batch[k] for k in fns.optional_inputs if k in batch}
+
         def micro_step(grad_sum, xs):
-            index, inputs_mb, cond_mb = xs
-            (loss, aux), grads = grad_fn(state.params, inputs_mb, cond_mb, jax.random.fold_in(loss_key, index))
+            index, inputs_mb, cond_mb, extras_mb = xs
+            (loss, aux), grads = grad_fn(state.params, inputs_mb, cond_mb,
+                                         jax.random.fold_in(loss_key, index), **extras_mb)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return grad_sum, (loss, aux)
 
@@ -112,7 +118,8 @@ def make_train_step(
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, (losses, (micro_metrics, per_row)) = jax.lax.scan(
-            micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond)),
+            micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond),
+                                jax.tree.map(split, extras)),
         )
         # Equal-size micro-batches: the mean of micro-batch means is the full-batch mean.
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
