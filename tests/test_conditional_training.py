@@ -211,3 +211,12 @@ def test_train_program_takes_masks():
     assert int(state.step) == 4
     assert bool(jax.device_get(state.schedule.table_ready))
     assert np.all(np.isfinite(np.asarray(jax.device_get(state.schedule.table.pdf))))
+
+
+def test_the_train_program_reads_the_optional_inputs_the_data_has():
+    """The loop hands the step its input and the optional entries a batch carries (cond_mask)."""
+    from bitgen.train.program import TrainProgram
+
+    program = TrainProgram(None, None, None, None, None, "bits", ("cond_mask",))
+    assert program.batch_of({"bits": 1, "cond_mask": 2, "ids": 3}) == {"bits": 1, "cond_mask": 2}
+    assert program.batch_of({"bits": 1, "ids": 3}) == {"bits": 1}

@@ -308,7 +308,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
     logger = _Logger(run_dir, cfg, start, enabled=main, progress=progress)
     logger.text(f"data: {rows.stats.source}, documents {document_summary(rows.stats)}; "
                 f"{rows.stats.train_rows:,} train rows of {rows.stats.seq_tokens} tokens")
-    step_fn, input_key = program.step_fn, program.input_key
+    step_fn = program.step_fn
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last: dict[str, Any] = {}
@@ -317,7 +317,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
     try:
         for step in range(start, cfg.train.steps):
             local = next(data_iter)
-            batch = parallel.global_batch({input_key: local[input_key]}, mesh, cfg.data.batch_size)
+            batch = parallel.global_batch(program.batch_of(local), mesh, cfg.data.batch_size)
             state, metrics = step_fn(state, batch)
             done = step + 1
             pending.append((done, metrics))

@@ -33,6 +33,8 @@ class TrainProgram:
     abstract:  ShapeDtypeStructs of the state carrying ``shardings`` (the orbax restore target).
     step_fn:   the jitted train step (see ``StepFn``).
     input_key: the batch entry the step reads (``bits`` for CoBit, ``ids`` for AR).
+    optional_inputs: further batch entries the step reads when the data has them (CoBit:
+        ``cond_mask``, the known bits of conditional training).
     """
 
     tx: optax.GradientTransformation
@@ -41,6 +43,11 @@ class TrainProgram:
     abstract: TrainState
     step_fn: StepFn
     input_key: str
+    optional_inputs: tuple[str, ...] = ()
+
+    def batch_of(self, local: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a data batch this step reads."""
+        return {k: local[k] for k in (self.input_key, *self.optional_inputs) if k in local}
 
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its sharded layout."""
@@ -62,7 +69,8 @@ def assemble_train_program(
     init_fn = make_init_fn(cfg.train.seed, tx, init_params, init_schedule)
     shardings, abstract = state_layout(mesh, init_fn, param_axes, tx)
     step_fn = jit_train_step(make_train_step(cfg, tx, step_fns, mesh), mesh, shardings)
-    return TrainProgram(tx, init_fn, shardings, abstract, step_fn, step_fns.input_key)
+    return TrainProgram(tx, init_fn, shardings, abstract, step_fn, step_fns.input_key,
+                        step_fns.optional_inputs)
 
 
 @functools.lru_cache(maxsize=4)
