@@ -212,7 +212,7 @@ def chunk_schedule(length: int, first: int, rest: int) -> list[tuple[int, int]]:
     return out
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(block=st.integers(1, 4), n_blocks=st.integers(1, 4), chunk_is_block=st.booleans(),
        prefill_blocks=st.integers(0, 2), seed=st.integers(0, 99))
 def test_cached_decoding_equals_full_recompute(block, n_blocks, chunk_is_block, prefill_blocks, seed):

@@ -114,6 +114,7 @@ def test_trunk_specs_are_validated():
     assert _tokens_vocab("16:300") == (16, 300)
 
 
+@pytest.mark.slow  # the whole report at toy sizes (20 s); each measurement has its own fast test
 def test_run_bench_report_structure(tmp_path):
     report = run_bench(
         dtype="float32", matmul_size=64, matmul_chain=2, matmul_repeats=1,

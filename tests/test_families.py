@@ -167,6 +167,7 @@ def test_an_ar_run_scores_against_a_test_split_without_its_corpus(tmp_path, caps
     assert len(err) == 1 and str(source) in err[0]
 
 
+@pytest.mark.slow  # trains a run, then resumes it (16 s)
 def test_a_changed_tokenizer_is_refused_on_resume(tmp_path):
     from bitgen.textcodec import TextCodecError, run_text_codec
 
