@@ -17,6 +17,7 @@ before it is added, so XLA can neither contract it into a fused multiply-add nor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -93,7 +94,7 @@ def initial_state(noise: Array, sigma_max: Array) -> Array:
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(ABC):
     """One grid interval: x̂ -> x' (+ the self-conditioning estimate for the next step).
 
     ``network_calls``: denoiser calls of the update itself; ``refine_sc`` adds one call that
@@ -124,11 +125,11 @@ class Step:
             sc_next = ops.denoise(x_new, sched.label_next, sc_next)[1]
         return (x_new, sc_next), {"x_hat": x_hat, "D": D, **_sc_trace(sc), **extra, "x": x_new}
 
+    @abstractmethod
     def update(self, x_hat: Array, D: Array, sc, sched: StepSchedule,
                ops: StepOps) -> tuple[Array, dict]:
         """x' [B,S] from x̂, its denoised D and the SC state D came with, and the method's trace
         entries."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
