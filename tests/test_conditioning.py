@@ -253,11 +253,14 @@ def test_guided_sampler_at_scale_one_is_the_conditional_sampler(method, sc_mode)
     rng = np.random.default_rng(2)
     mask, bits = rng.random((B, S)) < 0.5, rng.integers(0, 2, (B, S))
     plain = functools.partial(denoise, cfg=TINY, network=_ToyResidual)
-    conditional = _draw(_settings(method, sc_mode, 0.3), Cond.clamped(mask, bits), 4,
-                        denoiser=plain, params={})
-    guided = _draw(_guided_settings(method, sc_mode, 0.3),
-                   Cond.clamped(mask, bits, guidance=jnp.float32(1.0)), 4, denoiser=TOY_GUIDED,
-                   params={})
+    # Op by op: the identity is exact in every float32 operation, while two compiled programs may
+    # fuse the network's elementwise chain differently (one FMA contraction is 1 ulp).
+    with jax.disable_jit():
+        conditional = _draw(_settings(method, sc_mode, 0.3), Cond.clamped(mask, bits), 4,
+                            denoiser=plain, params={})
+        guided = _draw(_guided_settings(method, sc_mode, 0.3),
+                       Cond.clamped(mask, bits, guidance=jnp.float32(1.0)), 4, denoiser=TOY_GUIDED,
+                       params={})
     for name in ("bits", "D", "x"):
         np.testing.assert_array_equal(getattr(guided, name), getattr(conditional, name))
     np.testing.assert_array_equal(guided.trace["x0_hat_in"], conditional.trace["x0_hat_in"])
