@@ -7,11 +7,14 @@ are clamped clean and excluded from the loss (each batch's ``cond_mask``), and 1
 their condition (``diffusion.cond_dropout``) so evaluation can use classifier-free guidance.
 
 Sizes: a 4-block width-128 SDT (the trunk sees 180 tokens, the per-bit head 720 bits), batch 32,
-2000 steps (~0.4 s a step on an idle 2-core box: see the measurement in
-docs of the merge / the helper report), a short warm-up and a high peak lr as in ``demo_cpu``.
-The entropy schedule is scaled to the run: a 4096-row buffer (128 steps), rebuilt every 100 steps,
-entropic σ draws from step 400 (fully from 600). EMA decay 0.995: a time constant of 200 steps
-(10% of the run); the default 0.9999 would leave the sampled weights near their init.
+800 steps, a short warm-up and a high peak lr as in ``demo_cpu``. Measured on a shared 2-core box
+(load average 6.5-7, this process getting ~0.7 of a core): 2.0-2.5 s a step, i.e. ~1.7 CPU-seconds
+a step; on an idle 2-core box that is ~0.9-1.0 s a step, so 800 steps take ~13 minutes plus
+about half a minute of start-up (rows, compilation). The first run also generates the 50k
+puzzles (~2 minutes, cached after).
+The entropy schedule is scaled to the run: a 4096-row buffer (128 steps), rebuilt every 50 steps,
+entropic σ draws from step 200 (fully from 300). EMA decay 0.99: a time constant of 100 steps
+(1/8 of the run); the default 0.9999 would leave the sampled weights near their init.
 The sampler runs 180 NFE (the issue's protocol) on the learned entropic grid.
 """
 
@@ -35,9 +38,9 @@ def get_config() -> ExperimentConfig:
         diffusion=DiffusionConfig(cond_dropout=0.1),
         data=DataConfig(source="sudoku", batch_size=32),
         entropy=EntropyScheduleConfig(buffer_size=4096, num_bins=64, min_per_bin=16,
-                                      update_every=100, warmup_steps=400, transition_steps=200),
-        optim=OptimConfig(lr=2e-3, warmup_steps=100, min_lr=1e-4, ema_decay=0.995),
+                                      update_every=50, warmup_steps=200, transition_steps=100),
+        optim=OptimConfig(lr=2e-3, warmup_steps=50, min_lr=1e-4, ema_decay=0.99),
         sampler=SamplerConfig(nfe=180, gamma=0.2, batch_size=64),
-        train=TrainConfig(steps=2000, log_every=50, ckpt_every=500, keep_checkpoints=2,
+        train=TrainConfig(steps=800, log_every=25, ckpt_every=200, keep_checkpoints=2,
                           run_dir="runs/sudoku_cpu"),
     )
