@@ -1,4 +1,5 @@
-"""Corpus -> tokenised, packed, cached rows ``[N, T]`` and the bit codec that encodes them.
+"""Corpus -> tokenised, packed, cached rows ``[N, T]`` and the bit codec that encodes them
+(``data.source=sudoku``: the generated Sudoku set, ``bitgen.data.sudoku_corpus``).
 
 ``build_corpus_rows(cfg, seq_tokens)`` runs source -> tokenizer -> packing (-> second-stage
 codes for ``packing=window`` with ``data.code_tokenizer``) once and caches the rows on disk;
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from bitgen.codecs import BitCodec, IdCodeMap
 from bitgen.config import DataConfig
 from bitgen.data.cache import cache_dir_for, load_cached_rows, write_cached_rows
 from bitgen.data.packing import StreamPacker
-from bitgen.textcodec import TextCodec
+from bitgen.data.rows import DatasetStats, PackedRows
+from bitgen.data.sudoku_corpus import SUDOKU_SOURCE, sudoku_packed_rows
 from bitgen.data.sources import (
     NORMALISATION_VERSION,
     DataError,
@@ -39,62 +40,6 @@ from bitgen.tokenizers import (
 
 ENCODE_BATCH_DOCS = 1024  # documents per tokenizer call: big enough to use every core
 ENCODE_BATCH_CHARS = 4_000_000  # characters per tokenizer call: bounds the memory of one call
-
-
-@dataclass(frozen=True)
-class DatasetStats:
-    """What ``bitgen data`` prints. Token counts include separators/EOS; ``rows`` is before the split."""
-
-    source: str
-    documents: int
-    tokens: int
-    rows: int
-    seq_tokens: int
-    width: int
-    vocab_size: int
-    dropped_tail_tokens: int
-    skipped_bad_utf8: int
-    skipped_empty: int
-    split_documents: int  # documents longer than data.max_document_chars, tokenised in pieces
-    records: int  # raw records (lines, rows) read from the source
-    train_rows: int
-    val_rows: int
-    cache_path: str
-    cache_status: str
-
-    @property
-    def bits_per_row(self) -> int:
-        return self.seq_tokens * self.width
-
-    @property
-    def invalid_code_headroom(self) -> int:
-        """Codes that name no token, 2^P - V."""
-        return 2**self.width - self.vocab_size
-
-
-@dataclass(frozen=True)
-class PackedRows:
-    """Packed token rows and everything needed to turn them into bits and back into text."""
-
-    rows: np.ndarray  # [N, T] uint16/uint32 (a read-only memmap of the cache)
-    tokenizer: Tokenizer
-    codec: BitCodec
-    stats: DatasetStats
-    code_tokenizer: CodeTokenizer | None = None
-    source_hash_seconds: float = 0.0  # time spent hashing the source to key the cache
-
-    @property
-    def train_rows(self) -> np.ndarray:
-        return self.rows[: self.stats.train_rows]
-
-    @property
-    def val_rows(self) -> np.ndarray:
-        return self.rows[self.stats.train_rows:]
-
-    @property
-    def text_codec(self) -> TextCodec:
-        """The tokenizer, code tokenizer and codec as one text <-> bits pipeline."""
-        return TextCodec(self.tokenizer, self.codec, self.code_tokenizer)
 
 
 def split_sizes(n_rows: int, val_fraction: float) -> tuple[int, int]:
@@ -243,8 +188,11 @@ def build_corpus_rows(cfg: DataConfig, seq_tokens: int, *, progress: bool = Fals
                       rebuild: bool = False) -> PackedRows:
     """Tokenise, pack and cache ``cfg.source`` into rows of ``seq_tokens`` tokens (reusing the cache).
 
-    Raises DataError for an empty corpus or one too small for a single row.
+    Raises DataError for an empty corpus or one too small for a single row. ``data.source=sudoku``
+    is the generated Sudoku set instead (``bitgen.data.sudoku_corpus``).
     """
+    if cfg.source == SUDOKU_SOURCE:
+        return sudoku_packed_rows(cfg, seq_tokens, progress=progress, rebuild=rebuild)
     if cfg.max_document_chars < 1:
         raise DataError(f"data.max_document_chars={cfg.max_document_chars} must be >= 1 (default 1000000)")
     source = open_source(cfg)

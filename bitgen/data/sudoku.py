@@ -168,39 +168,58 @@ def format_row(row) -> str:
 
 @dataclass(frozen=True)
 class SudokuRows:
-    """The cached data set: token rows uint8 [N, 180] of each split, and the cache sidecar."""
+    """The cached data set: token rows uint8 [N, 180] of each split, and the cache sidecar.
+
+    status: ``reused``, or ``built (<why>)`` when this call generated the rows.
+    """
 
     train: np.ndarray
     valid: np.ndarray
     meta: dict
     path: Path
+    status: str = "reused"
 
 
 def sudoku_rows(cache_dir: str | Path, seed: int = DEFAULT_SEED, *, n_train: int = TRAIN_SIZE,
                 n_valid: int = VALID_SIZE, mix: Mapping[str, float] = EQUAL_MIX,
-                rebuild: bool = False) -> SudokuRows:
+                rebuild: bool = False, progress: bool = False) -> SudokuRows:
     """Train and validation rows for ``seed``: built on first use under ``cache_dir`` (atomic
-    write), reused after. Validation is generated first; the two splits share no solution grid."""
+    write), reused after. Validation is generated first; the two splits share no solution grid.
+    ``progress``: a bar over the puzzles while they are generated."""
     difficulty_counts(n_train, mix)  # a bad mix fails before anything is written
     mix = {d: float(w) for d, w in mix.items() if w}
     fingerprint = {"generator": GENERATOR_VERSION, "seed": int(seed), "n_train": int(n_train),
                    "n_valid": int(n_valid), "mix": mix, "row_tokens": ROW_TOKENS}
     path = cache_dir_for(cache_dir, f"sudoku-s{seed}-{n_train}-{n_valid}", fingerprint)
-    cached, _ = (None, "rebuild requested") if rebuild else load_cached_rows(path, fingerprint)
+    cached, status = (None, "rebuild requested") if rebuild else load_cached_rows(path, fingerprint)
     if cached is None:
         started, stats = time.perf_counter(), {}
 
         def row_batches() -> Iterator[np.ndarray]:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n_valid + n_train, desc="generating Sudoku puzzles", unit="puzzle",
+                           delay=1.0)
             seen: set[bytes] = set()
-            for split, tag, n in (("valid", 1, n_valid), ("train", 0, n_train)):
-                puzzles, solutions, levels = generate_split(seed, n, mix, tag=tag, exclude=seen)
-                stats[split] = dict(zip(DIFFICULTIES, np.bincount(levels, minlength=3).tolist()))
-                yield encode_rows(puzzles, solutions)
+            try:
+                for split, tag, n in (("valid", 1, n_valid), ("train", 0, n_train)):
+                    puzzles, solutions, levels = generate_split(
+                        seed, n, mix, tag=tag, exclude=seen,
+                        on_example=None if bar is None else bar.update)
+                    stats[split] = dict(zip(DIFFICULTIES, np.bincount(levels, minlength=3).tolist()))
+                    yield encode_rows(puzzles, solutions)
+            finally:
+                if bar is not None:
+                    bar.close()
 
         def build_stats() -> dict:
             return {**stats, "seconds": round(time.perf_counter() - started, 1)}
 
         cached = write_cached_rows(path, fingerprint, row_batches(), seq_tokens=ROW_TOKENS,
                                    dtype=np.uint8, stats_fn=build_stats)
+        status = f"built ({status})"
     rows = np.asarray(cached.rows)
-    return SudokuRows(train=rows[n_valid:], valid=rows[:n_valid], meta=cached.meta, path=cached.path)
+    return SudokuRows(train=rows[n_valid:], valid=rows[:n_valid], meta=cached.meta, path=cached.path,
+                      status=status)

@@ -23,7 +23,7 @@ changes (it keys the on-disk cache).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import numpy as np
@@ -189,14 +189,15 @@ def difficulty_counts(n: int, mix: Mapping[str, float]) -> dict[str, int]:
 
 
 def generate_split(seed: int, n: int, mix: Mapping[str, float] = EQUAL_MIX, *, tag: int = 0,
-                   exclude: set[bytes] | None = None):
+                   exclude: set[bytes] | None = None, on_example: Callable[[], object] | None = None):
     """``n`` puzzles of stream ``tag`` for ``seed``: (puzzles [n,81] uint8, solutions [n,81] uint8,
     difficulty [n] uint8 index into ``DIFFICULTIES``).
 
     No two examples share a solution grid (so no two share a puzzle), nor with any solution in
     ``exclude`` (the ``bytes`` of uint8 [81] grids); ``exclude`` is updated with the new ones, so
     passing one set to several calls deduplicates across splits. Difficulties follow ``mix``
-    (``difficulty_counts``), in an order shuffled by the seed.
+    (``difficulty_counts``), in an order shuffled by the seed. ``on_example()`` is called after
+    each example (a progress bar's ``update``); it does not change the output.
     """
     counts = difficulty_counts(n, mix)
     levels = np.repeat(np.arange(len(DIFFICULTIES), dtype=np.uint8),
@@ -214,4 +215,6 @@ def generate_split(seed: int, n: int, mix: Mapping[str, float] = EQUAL_MIX, *, t
                                f"(seed {seed}, example {k})")
         puzzles[k], solutions[k] = made
         seen.add(made[1].tobytes())
+        if on_example is not None:
+            on_example()
     return puzzles, solutions, levels

@@ -4,6 +4,11 @@ It reuses the trunk sizes of ``cfg.model`` (embed_dim, n_heads, n_blocks, dim_ff
 compute_dtype, seq_tokens, rope_base) and takes its vocabulary from the data codec, so a CoBit
 config and its AR twin differ only in ``task``. Its own section ``cfg.family`` holds the sampling
 defaults (``ARSampling``).
+
+Conditional data (batches with a ``cond_mask``, e.g. Sudoku): a token whose bits are all known is
+given, not generated, and the loss scores only the other tokens (``ar_loss(target_mask=...)``);
+the model continues the given prefix at sampling time. ``diffusion.cond_dropout`` does not apply:
+an AR model has no unconditional branch to train.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class ARSampling:
             raise ConfigError(f"family.top_p={self.top_p} must be in (0, 1]")
 
 
+def given_tokens(cond_mask: jax.Array, seq_tokens: int) -> jax.Array:
+    """Bit mask [B, T*P] -> token mask [B, T]: True where all P bits of the token are known."""
+    return cond_mask.reshape(cond_mask.shape[0], seq_tokens, -1).all(axis=-1)
+
+
 def ar_config(cfg: ExperimentConfig, vocab_size: int):
     """The ``ARConfig`` of an AR experiment (sizes from ``cfg.model``, vocab from the data)."""
     from bitgen.nn.ar import ARConfig
@@ -65,8 +75,11 @@ class AR:
                               "(TextCodec.vocab_size, or a checkpoint's meta['vocab_size'])")
         model_cfg = ar_config(cfg, vocab_size)
 
-        def loss(params, ids, cond, key):
-            value, aux = ar.ar_loss(params, ids, key, cfg=model_cfg, train=True)
+        def loss(params, ids, cond, key, cond_mask=None):
+            # cond_mask [B, T*P] (batch entry "cond_mask"): tokens with every bit known are given.
+            target_mask = None if cond_mask is None else ~given_tokens(cond_mask, ids.shape[1])
+            value, aux = ar.ar_loss(params, ids, key, cfg=model_cfg, train=True,
+                                    target_mask=target_mask)
             return value, ({"accuracy": aux["accuracy"]}, {})
 
         return Task(
@@ -74,7 +87,7 @@ class AR:
             init_params=lambda key: ar.init_ar_params(key, model_cfg),
             param_axes=ar.param_logical_axes(model_cfg),
             init_schedule=lambda: None,
-            step_fns=StepFns(input_key="ids", loss=loss),
+            step_fns=StepFns(input_key="ids", loss=loss, optional_inputs=("cond_mask",)),
         )
 
     def draw(self, model: Any, sampler_cfg: Any, *, temperature: float, top_p: float,
@@ -128,7 +141,8 @@ class AR:
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:
-        """Temperature-1 continuations of the first token of ``n`` validation rows."""
+        """Temperature-1 continuations of the first token of ``n`` validation rows (of their
+        given prompt, for rows that begin with one: ``rows.prompt_tokens``)."""
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -137,7 +151,7 @@ class AR:
         from bitgen.nn.ar import ar_sample
 
         source = rows.val_rows if len(rows.val_rows) >= n else rows.train_rows
-        prompt = jnp.asarray(source[:n, :1].astype("int32"))
+        prompt = jnp.asarray(source[:n, :max(1, rows.prompt_tokens)].astype("int32"))
         ids = ar_sample(state.ema_params, key, prompt, cfg=ar_config(cfg, rows.codec.vocab_size),
                         length=cfg.model.seq_tokens)
         return np.asarray(jax.device_get(multihost_utils.process_allgather(ids, tiled=True))), self.name

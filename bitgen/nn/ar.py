@@ -8,7 +8,7 @@ Public API (params are plain pytrees; logical axes ``vocab``, ``embed``, ``heads
   ARConfig
   init_ar_params(key, cfg) -> params;  param_logical_axes(cfg) -> PartitionSpec tree
   ar_logits(params, ids [B,T], *, cfg, key=None, train=False) -> logits [B,T,V] float32
-  ar_loss(params, ids [B,T], key, *, cfg, train) -> (loss, aux)       # next-token CE
+  ar_loss(params, ids [B,T], key, *, cfg, train, target_mask=None) -> (loss, aux)   # next-token CE
   sequence_nll(params, ids [B,T], mask [B,T], *, cfg) -> (nll_sum [B], n_scored [B])
   init_kv_cache(cfg, batch, max_len) -> cache   # n_blocks × attention.KVCache
   ar_decode_step(params, cache, ids [B,C], *, cfg) -> (logits [B,C,V], cache)   # appends at cache length
@@ -136,15 +136,25 @@ def ar_logits(params: dict, ids: jax.Array, *, cfg: ARConfig, key: jax.Array | N
 
 
 def ar_loss(params: dict, ids: jax.Array, key: jax.Array | None, *, cfg: ARConfig,
-            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+            train: bool, target_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy (nats), mean over the B·(T−1) predicted tokens of ids [B, T].
 
-    aux: ``{"nll": loss, "accuracy": top-1 accuracy of the predictions}``.
+    target_mask [B, T] bool (None = every token): only tokens t >= 1 with ``target_mask[:, t]``
+    are scored (their prediction comes from position t−1), and the mean is over those tokens
+    (a batch without any is 0). Conditional training: False on the given prompt tokens.
+    aux: ``{"nll": loss, "accuracy": top-1 accuracy of the scored predictions}``.
     """
     logits = ar_logits(params, ids[:, :-1], cfg=cfg, key=key, train=train)
     targets = ids[:, 1:]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    accuracy = (jnp.argmax(logits, axis=-1) == targets).mean()
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    if target_mask is None:
+        loss, accuracy = nll.mean(), correct.mean()
+    else:
+        scored = target_mask[:, 1:]
+        count = jnp.maximum(jnp.sum(scored), 1)
+        loss = jnp.sum(jnp.where(scored, nll, 0.0)) / count
+        accuracy = jnp.sum(scored & correct) / count
     return loss, {"nll": loss, "accuracy": accuracy}
 
 

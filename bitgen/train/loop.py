@@ -276,6 +276,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, fallback: bool
     dataset = make_batch_dataset(
         rows.train_rows, rows.codec, global_batch=cfg.data.batch_size, seed=cfg.data.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        prompt_tokens=rows.prompt_tokens,
     )
 
     vocab_size = rows.codec.vocab_size
