@@ -69,10 +69,10 @@ def check_guidance(model: LoadedModel, sampler_cfg: SamplerConfig, *, conditione
     if w == 1:
         return
     if not getattr(model.family, "guides", False):
-        raise SampleError(f"--guidance {w}: task={model.task} runs have no classifier-free "
+        raise SampleError(f"--guidance {w:g}: task={model.task} runs have no classifier-free "
                           "guidance; drop --guidance (sampler.guidance=1)")
     if not conditioned:
-        raise SampleError(f"--guidance {w} steers samples towards a condition and none is given; "
+        raise SampleError(f"--guidance {w:g} steers samples towards a condition and none is given; "
                           "pass --prompt/--prompts/--infill, or drop --guidance (sampler.guidance=1)")
 
 

@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     texts = args.prompt or (read_prompts(args.prompts) if args.prompts else [])
     prompts = layouts(model.text, model.cfg.model.seq_tokens, prompts=texts, infills=args.infill or [])
+    check_guidance(model, model.cfg.sampler, conditioned=bool(prompts))
     print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
           file=sys.stderr)
-    check_guidance(model, model.cfg.sampler, conditioned=bool(prompts))
     if (note := guidance_note(model.cfg.sampler)) is not None:
         print(f"bitgen sample: {note}", file=sys.stderr)
     start = time.perf_counter()
