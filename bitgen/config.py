@@ -91,6 +91,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "entropy.gamma_max": _FRACTION,
     **{f"sampler.{k}": _POSITIVE for k in ("terminal_sigma", "s_noise", "batch_size")},
     "sampler.ati_eta": _NON_NEGATIVE,
+    "sampler.guidance": _NON_NEGATIVE,
     "data.batch_size": _POSITIVE,
     "data.max_document_chars": _POSITIVE,
     "data.val_fraction": _UNIT,

@@ -90,6 +90,11 @@ class SamplerConfig:
     sc_mode: str = "carry"  # carry | refined
     ati_eta: float = 0.0
     batch_size: int = 64
+    # Classifier-free guidance scale w over the clamped (prompt) bits: 1 = the conditional model
+    # (one network call per denoise), 0 = the unconditional one, > 1 amplifies the condition. Any
+    # w != 1 runs both branches (two calls per denoise, paid out of the same ``nfe`` budget) and
+    # needs a prompt; only bit-diffusion families guide.
+    guidance: float = 1.0
 
 
 @dataclass(frozen=True)

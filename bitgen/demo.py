@@ -11,7 +11,9 @@ read back from ``eval/results.jsonl``):
    GenPPL under the evaluator and unigram entropy, add the held-out real-data row and the
    i.i.d.-unigram control (tokens drawn independently from the training unigram distribution,
    decoded and scored like samples: a generator must beat it to show it learned context)
-5. print the table; write <work>/eval/{results.jsonl,table.csv,frontier.png}
+5. print the table; write <work>/eval/{results.jsonl,table.csv,frontier.png}; then one prompted
+   continuation per model (CoBit clamps the prompt's bits, AR continues its ids) of ``DemoPlan.prompt``
+   (default ``"The "``), printed and written to <work>/eval/prompted_{cobit,ar}.txt (+ .jsonl)
 
 ``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
 so short a run has not learned an entropy table yet) in ``runs/demo_quick``.
@@ -31,6 +33,8 @@ STAGES = (
     ("evaluator", "demo_ar_eval_cpu", "ar_eval", "larger AR model used as the GenPPL evaluator"),
 )
 
+DEMO_PROMPT = "The "  # how many of the embedded fortunes begin
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoPlan:
@@ -42,6 +46,7 @@ class DemoPlan:
     seeds: tuple[int, ...]
     num: int
     ar_temperatures: tuple[float, ...]
+    prompt: str = DEMO_PROMPT  # the prompted continuation shown after the table
 
 
 def plan(quick: bool, work_dir: str | None = None, *, seeds: tuple[int, ...] | None = None,
@@ -146,7 +151,30 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
         f"over seeds) [{time.perf_counter() - started:.0f} s]")
     log(format_table(table))
     log(f"table: {p.work_dir / 'eval' / 'table.csv'}   plot: {p.work_dir / 'eval' / 'frontier.png'}")
+    show_prompted(p, {"cobit": cobit, "ar": ar}, log=log)
     return table, None
+
+
+def show_prompted(p: DemoPlan, models: dict, *, seed: int = 0, log=_say) -> dict:
+    """Draw and print one continuation of ``p.prompt`` per model (seed ``seed``; CoBit with the
+    plan's last sampler point, the headline sampler), written to ``<work>/eval/prompted_<name>.txt``
+    (+ .jsonl); returns {name: Sample}."""
+    from bitgen.config import apply_overrides
+    from bitgen.generation import generate, sampler_settings_dict, sampling_options, write_samples
+    from bitgen.prompts import prefix_prompt
+
+    log(f"one prompted continuation per model of {p.prompt!r} (seed {seed}):")
+    shown = {}
+    for name, model in models.items():
+        sampler_cfg = apply_overrides(model.cfg, list(p.sampler_points[-1])).sampler
+        layout = prefix_prompt(model.text, p.prompt, model.cfg.model.seq_tokens)
+        (sample,) = generate(model, 1, seed, sampler_cfg, prompt=layout, progress=False)
+        temperature, top_p = sampling_options(model, None, None)
+        write_samples([sample], p.work_dir / "eval" / f"prompted_{name}.txt",
+                      sampler_settings_dict(model, sampler_cfg, temperature=temperature, top_p=top_p))
+        log(f"  {name}: {sample.text!r}")
+        shown[name] = sample
+    return shown
 
 
 def run(args: argparse.Namespace) -> int:

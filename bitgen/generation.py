@@ -62,6 +62,32 @@ def decode_samples(model: LoadedModel, out: np.ndarray, *, seed: int, start: int
             for r, (d, bits_hex) in enumerate(model.family.decode(out, model.text))]
 
 
+def check_guidance(model: LoadedModel, sampler_cfg: SamplerConfig, *, conditioned: bool) -> None:
+    """Refuse ``sampler.guidance`` w != 1 for a family that does not guide, or with nothing to
+    guide towards (``conditioned``: a prompt, an infill or clamped bits are given)."""
+    w = sampler_cfg.guidance
+    if w == 1:
+        return
+    if not getattr(model.family, "guides", False):
+        raise SampleError(f"--guidance {w:g}: task={model.task} runs have no classifier-free "
+                          "guidance; drop --guidance (sampler.guidance=1)")
+    if not conditioned:
+        raise SampleError(f"--guidance {w:g} steers samples towards a condition and none is given; "
+                          "pass --prompt/--prompts/--infill, or drop --guidance (sampler.guidance=1)")
+
+
+def guidance_note(sampler_cfg: SamplerConfig) -> str | None:
+    """What guidance costs, for logs: None at w = 1 (one network call per denoise)."""
+    from bitgen.sampling import nfe_to_grid_points
+
+    if sampler_cfg.guidance == 1:
+        return None
+    points = nfe_to_grid_points(sampler_cfg.nfe, sampler_cfg.name, sampler_cfg.sc_mode, guided=True)
+    return (f"guidance w={sampler_cfg.guidance:g}: two network calls per denoise (conditional and "
+            f"unconditional); sampler.nfe={sampler_cfg.nfe} counts both, so the σ-grid has "
+            f"{points} points")
+
+
 def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig | None = None, *,
              temperature: float | None = None, top_p: float | None = None, flag=None,
              progress: bool = True, prompt: PromptLayout | None = None,
@@ -78,6 +104,7 @@ def generate(model: LoadedModel, num: int, seed: int, sampler_cfg: SamplerConfig
     if num < 1:
         raise SampleError(f"--num must be >= 1, got {num}")
     sampler_cfg = sampler_cfg or model.cfg.sampler
+    check_guidance(model, sampler_cfg, conditioned=prompt is not None)
     temperature, top_p = sampling_options(model, temperature, top_p)
     batch = sampler_cfg.batch_size
     prompted = {} if prompt is None else {"prompt": prompt}

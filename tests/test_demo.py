@@ -3,6 +3,8 @@ tiny random-parameter runs, so it is fast), resuming, and the real quick demo (s
 
 from __future__ import annotations
 
+import json
+
 import jax
 import pytest
 from test_eval_cli import _save_run
@@ -68,6 +70,14 @@ def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_train
     out = capsys.readouterr().out
     assert "[1/5] training" in out and "[5/5] results" in out and "PF-ODE" in out and "γ=0.3" in out
     assert "tokens drawn independently" in out
+    # One prompted continuation per model after the table, printed and written, beginning with
+    # the prompt's text.
+    assert out.index("[5/5] results") < out.index("one prompted continuation per model of 'The '")
+    for name in ("cobit", "ar"):
+        (record,) = [json.loads(line) for line in
+                     (tmp_path / "work" / "eval" / f"prompted_{name}.jsonl").read_text().splitlines()]
+        assert record["prompt"] == "The " and record["text"].startswith("The ")
+        assert f"  {name}: {record['text']!r}" in out
     assert (tmp_path / "work" / "eval" / "frontier.png").is_file()
     results = (tmp_path / "work" / "eval" / "results.jsonl").read_text().splitlines()
     again, _ = demo.run_demo(p, progress=False)  # everything is reused, nothing is redrawn

@@ -284,3 +284,67 @@ def test_an_nfe_too_small_for_the_sampler_is_one_line(cobit_run, tmp_path, capsy
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "raise sampler.nfe" in err[-1]  # the "model from" line, then the error
+
+
+# --------------------------------------------------------------------------------------------------
+# --guidance (sampler.guidance) through `bitgen sample` and the generation layer
+
+
+def test_sample_cli_guidance_one_is_the_conditional_sampler_bit_for_bit(cobit_run, tmp_path, capsys):
+    def bits(*extra):
+        out = tmp_path / f"s{len(extra)}.txt"
+        assert cli.main(["sample", "--run-dir", str(cobit_run), "--prompt", "the red cat", "--num", "3",
+                         "--out", str(out), "--no-progress", *extra]) == 0
+        return [json.loads(line)["bits"] for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+    # w = 1 is the plain conditional path (one call per denoise), not the guided sampler at w = 1.
+    assert bits("--guidance", "1") == bits()
+    assert "two network calls" not in capsys.readouterr().err
+    guided = bits("--guidance", "3")
+    assert guided != bits()
+    assert "guidance w=3: two network calls per denoise" in capsys.readouterr().err
+
+
+def test_generation_passes_the_guidance_scale_to_the_guided_sampler(cobit_run):
+    # The flag's value reaches the sampler: generate(..., w) equals a guided sampler built here and
+    # called with Cond(guidance=w) on the same key (micro-batch 0 draws with fold_in(key(seed), 0)).
+    # At w = 0 guidance runs only the unconditional branch on the target bits
+    # (test_conditioning.test_guidance_scale_one_and_zero_are_the_branches), so the draw must
+    # differ from the conditional one.
+    import dataclasses
+
+    from bitgen.diffusion.cond import Cond
+    from bitgen.generation import generate
+    from bitgen.prompts import prefix_prompt
+    from bitgen.sampling import build_sampler
+
+    model = load_model(str(cobit_run), overrides=["sampler.guidance=0"])
+    layout = prefix_prompt(model.text, "the red cat", model.cfg.model.seq_tokens)
+    drawn = generate(model, 3, 4, prompt=layout, progress=False)
+    mask, bits = layout.known_bits(model.text, model.cfg.model.seq_bits)
+    sampler = build_sampler(model.cfg.model, model.cfg.sampler, model.table, model.cfg.model.seq_bits,
+                            model.cfg.diffusion, guided=True)
+    cond = Cond.clamped(np.broadcast_to(mask, (3, mask.size)), np.broadcast_to(bits, (3, bits.size)),
+                        guidance=jnp.float32(0.0))
+    direct = np.asarray(sampler(model.params, jax.random.fold_in(jax.random.key(4), 0), 3, cond=cond).bits)
+    assert [s.bits_hex for s in drawn] == [np.packbits(b.astype(np.uint8)).tobytes().hex() for b in direct]
+    conditional = generate(dataclasses.replace(model, cfg=dataclasses.replace(
+        model.cfg, sampler=dataclasses.replace(model.cfg.sampler, guidance=1.0))), 3, 4, prompt=layout,
+        progress=False)
+    assert [s.bits_hex for s in drawn] != [s.bits_hex for s in conditional]
+
+
+def test_guidance_without_a_condition_or_on_an_ar_run_is_one_line(cobit_run, ar_run, tmp_path, capsys):
+    out = str(tmp_path / "x.txt")
+    for argv, message in (((cobit_run, "--guidance", "2"), "none is given; pass --prompt"),
+                          ((ar_run, "--prompt", "the red", "--guidance", "2"),
+                           "task=ar runs have no classifier-free guidance"),
+                          ((cobit_run, "--prompt", "the red", "--guidance", "-1"),
+                           "sampler.guidance=-1.0 cannot work")):
+        assert cli.main(["sample", "--run-dir", str(argv[0]), *argv[1:], "--out", out,
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert cli.main(["eval", "--run-dir", str(cobit_run), "--evaluator", "none", "--guidance", "2",
+                     "--num", "1", "--out-dir", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert "none is given" in capsys.readouterr().err

@@ -15,6 +15,20 @@ default to the run config's ``eval`` section; the paper configs set the paper's 
 Writes to ``--out-dir`` (default ``<run-dir>/eval``): ``results.jsonl`` (one row per point and
 seed: GenPPL, entropy, seed, settings, n samples, seconds; reused on re-runs), ``table.csv``
 (mean ± std over seeds) and ``frontier.png``; prints the table.
+
+Sudoku runs (``data.source="sudoku"``; ``bitgen.eval.sudoku_run``) are evaluated as a puzzle
+benchmark, the default ``--task`` for them (GenPPL means nothing there)::
+
+    bitgen eval --run-dir runs/sudoku_cpu --task sudoku                  # 300 validation puzzles
+    bitgen eval --run-dir runs/sudoku_cpu --gamma 0,0.1,0.2 --nfe 180 --guidance 1.5
+    bitgen eval --run-dir runs/sudoku_ar --puzzles mine.txt --temperature 0.8 --out out/
+
+``--num`` puzzles (default 300: a few CPU minutes) from the cached validation split, or every
+puzzle of ``--puzzles FILE`` (81 digits per line, 0 = blank, optionally a space and the solution);
+CoBit one point per ``--gamma`` at ``--nfe`` (default 180) with the 364 prompt bits clamped, AR
+greedy plus sampled at ``--temperature``/``--top-p``. Prints exact match, cell accuracy, solved
+and invalid-code rate per difficulty and writes ``sudoku_metrics.json``, ``sudoku_metrics.md``
+and ``predictions_<point>_seed<S>.txt`` to ``--out-dir`` (default ``<run-dir>/eval/sudoku``).
 """
 
 from __future__ import annotations
@@ -24,6 +38,10 @@ import sys
 from pathlib import Path
 
 from bitgen.eval.sample_cli import add_model_arguments, add_override_argument, load_model_from_args
+
+from bitgen.eval.sudoku_run import DEFAULT_NFE, DEFAULT_NUM
+
+TASKS = ("text", "sudoku")
 
 
 def _floats(text: str) -> list[float]:
@@ -37,9 +55,12 @@ def _ints(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_override_argument(parser)
-    parser.add_argument("--evaluator", required=True,
-                        help="GenPPL evaluator: an AR run directory (task=ar), gpt2:DIR, or none "
-                             "(only draw and cache the samples, to score later)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="text: GenPPL sweep; sudoku: the puzzle benchmark (default: sudoku for "
+                             "a run with data.source=sudoku, else text)")
+    parser.add_argument("--evaluator",
+                        help="--task text (required): GenPPL evaluator, an AR run directory "
+                             "(task=ar), gpt2:DIR, or none (only draw and cache the samples)")
     parser.add_argument("--sweep", default=None,
                         help='sampler grid, e.g. "name=ddim,heun grid=entropic,karras nfe=32,64 '
                              'gamma=0,0.1,0.2 window_q=0:1,0.1:0.9" (default: eval.sweep, else the '
@@ -47,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_ints, default=None,
                         help="comma-separated seeds (default: eval.seeds, 0)")
     parser.add_argument("--num", type=int, default=None,
-                        help="samples per point and seed (default: eval.num, 64; paper: 1024)")
+                        help="samples per point and seed (default: eval.num, 64; paper: 1024); "
+                             f"--task sudoku: puzzles (default {DEFAULT_NUM}, all of --puzzles)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="sampler micro-batch (default 64; 0 = the run's sampler.batch_size)")
     parser.add_argument("--reference-num", type=int, default=None,
@@ -66,8 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the training unigram distribution, decoded and scored like samples")
     parser.add_argument("--ar-run", help="also score an AR baseline run at --ar-temperatures")
     parser.add_argument("--ar-temperatures", type=_floats, default=[1.0])
-    parser.add_argument("--out-dir", help="output directory (default: <run-dir>/eval, ./eval "
-                                          "without a run)")
+    parser.add_argument("--out-dir", "--out", help="output directory (default: <run-dir>/eval, "
+                                                   "<run-dir>/eval/sudoku for --task sudoku, "
+                                                   "./eval without a run)")
+    sudoku = parser.add_argument_group("--task sudoku")
+    sudoku.add_argument("--puzzles", metavar="FILE",
+                        help="puzzles to solve, one per line: 81 digits (0 = blank), optionally a "
+                             "space and the solution (default: the first --num validation puzzles)")
+    sudoku.add_argument("--nfe", type=int, default=None,
+                        help=f"CoBit network calls per solution (default {DEFAULT_NFE})")
+    sudoku.add_argument("--gamma", type=_floats, default=None,
+                        help="CoBit churn γ, comma-separated: one row per value (default: the run's "
+                             "sampler.gamma)")
 
 
 def _config_seeds(text: str) -> list[int]:
@@ -110,10 +142,15 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
         run_sweep,
         write_csv,
     )
-    from bitgen.loading import load_model
+    from bitgen.loading import SampleError, load_model
 
     model = load_model_from_args(args)
     log(f"model: {model.source} (step {model.step})")
+    if _task(args, model) == "sudoku":
+        return evaluate_sudoku(args, model, log)
+    if args.evaluator is None:
+        raise SampleError("bitgen eval --task text needs --evaluator: an AR run directory, "
+                          "gpt2:DIR, or none")
     args = protocol(args, model.cfg.eval)
     points = parse_sweep(args.sweep)
     out_dir = Path(args.out_dir) if args.out_dir else (model.run / "eval" if model.run else Path("eval"))
@@ -153,11 +190,72 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     return table, flag.signum
 
 
+def _task(args: argparse.Namespace, model) -> str:
+    """The evaluation ``args`` ask for on ``model``; refuses flags of the other task."""
+    from bitgen.eval.sudoku_run import SudokuEvalError, is_sudoku_run
+
+    sudoku_run = is_sudoku_run(model.cfg)
+    task = args.task or ("sudoku" if sudoku_run else "text")
+    if task == "text" and sudoku_run:
+        raise SudokuEvalError(f"{model.source} is a Sudoku run: text metrics (GenPPL) mean nothing "
+                              "there; use --task sudoku")
+    if task == "text":
+        given = [flag for flag, value in (("--puzzles", args.puzzles), ("--nfe", args.nfe),
+                                          ("--gamma", args.gamma)) if value is not None]
+        if given:
+            raise SudokuEvalError(f"{', '.join(given)} apply to --task sudoku; for a text run "
+                                  "give the sampler grid with --sweep")
+    return task
+
+
+def evaluate_sudoku(args: argparse.Namespace, model, log=print) -> tuple[list[dict], int | None]:
+    """``--task sudoku``: solve, score per difficulty, write metrics and predictions."""
+    from bitgen.eval.sudoku import read_puzzles
+    from bitgen.eval.sudoku_run import (
+        check_sudoku_model,
+        evaluate_points,
+        operating_points,
+        validation_puzzles,
+        write_report,
+    )
+    from bitgen.generation import guidance_note, sampling_options
+    from bitgen.preemption import PreemptionFlag
+
+    check_sudoku_model(model)
+    if args.puzzles:
+        puzzles, solutions = read_puzzles(args.puzzles)
+        puzzles, solutions = (puzzles, solutions) if args.num is None else (
+            puzzles[:args.num], None if solutions is None else solutions[:args.num])
+        source = args.puzzles
+    else:
+        puzzles, solutions = validation_puzzles(model.cfg, args.num or DEFAULT_NUM)
+        source = "validation split"
+    temperature, top_p = sampling_options(model, args.temperature, args.top_p)
+    points = operating_points(model, nfe=args.nfe or DEFAULT_NFE, gammas=args.gamma,
+                              temperature=temperature, top_p=top_p)
+    out_dir = Path(args.out_dir) if args.out_dir else (
+        model.run / "eval" / "sudoku" if model.run else Path("eval") / "sudoku")
+    seeds = args.seeds or [0]
+    batch_size = args.batch_size or model.cfg.sampler.batch_size
+    log(f"sudoku: {len(puzzles)} puzzles ({source}{'' if solutions is not None else ', no solutions'}) "
+        f"× {len(points)} points × {len(seeds)} seeds, batches of {batch_size}")
+    if (note := guidance_note(points[0].sampler_cfg)) is not None and model.task != "ar":
+        log(note)
+    with PreemptionFlag() as flag:
+        rows = evaluate_points(model, points, puzzles, solutions, seeds=seeds, batch_size=batch_size,
+                               out_dir=out_dir, progress=not args.no_progress, flag=flag, log=log)
+    header = {"run": model.source, "step": model.step, "task": model.task, "puzzles": source,
+              "n": len(puzzles), "solutions": solutions is not None}
+    metrics, table = write_report(rows, out_dir, header)
+    log(f"wrote {metrics}, {table} and the predictions in {out_dir}")
+    return rows, flag.signum
+
+
 def run(args: argparse.Namespace) -> int:
     """bitgen's own errors propagate to ``bitgen.cli``, which prints them as one line (exit 2)."""
     _, signum = evaluate(args)
     if signum is not None:
-        print("bitgen eval: stopped by a signal; finished points are in results.jsonl and a re-run "
-              "continues from them", file=sys.stderr)
+        print("bitgen eval: stopped by a signal; finished points are written (a text sweep's "
+              "re-run continues from results.jsonl)", file=sys.stderr)
         return 128 + signum
     return 0

@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 
 from bitgen.generation import (
+    check_guidance,
     generate,
     generate_prompted,
+    guidance_note,
     not_beginning_with_prompt,
     sampler_settings_dict,
     sampling_options,
@@ -63,7 +65,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="AR runs: softmax temperature (default: the run's family.temperature)")
     parser.add_argument("--top-p", type=float,
                         help="AR runs: nucleus mass (default: the run's family.top_p)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--guidance", type=float, metavar="W",
+                        help="CoBit runs with a prompt: classifier-free guidance scale (sets "
+                             "sampler.guidance; 1 = the conditional model, the default; 0 = the "
+                             "unconditional one; > 1 amplifies the prompt; w != 1 costs two network "
+                             "calls per denoise out of the same NFE)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +80,11 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """``bitgen.loading.load_model`` with the options of ``add_model_arguments``."""
+    """``bitgen.loading.load_model`` with the options of ``add_model_arguments`` (``--guidance W``
+    is the override ``sampler.guidance=W``, after any given as ``section.field=value``)."""
+    guidance = [] if args.guidance is None else [f"sampler.guidance={args.guidance!r}"]
     return load_model(args.run_dir, args.checkpoint, model_dir=args.model_dir, params=args.params,
-                      config=args.config, overrides=args.overrides, table=args.table,
+                      config=args.config, overrides=[*args.overrides, *guidance], table=args.table,
                       weights=args.weights, step=args.step)
 
 
@@ -109,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     texts = args.prompt or (read_prompts(args.prompts) if args.prompts else [])
     prompts = layouts(model.text, model.cfg.model.seq_tokens, prompts=texts, infills=args.infill or [])
+    check_guidance(model, model.cfg.sampler, conditioned=bool(prompts))
     print(f"bitgen sample: {model.task} model from {model.source} (step {model.step})",
           file=sys.stderr)
+    if (note := guidance_note(model.cfg.sampler)) is not None:
+        print(f"bitgen sample: {note}", file=sys.stderr)
     start = time.perf_counter()
     with PreemptionFlag() as flag:
         options = {"temperature": args.temperature, "top_p": args.top_p,

@@ -47,7 +47,8 @@ class Family(Protocol):
     point is a set of ``sampler.*`` settings (else the sampling temperature).
 
     Optional: ``sequence_scorer(model) -> (score(ids, mask), vocab_size, window)`` for a family
-    whose runs can score text as GenPPL evaluators (the AR baseline)."""
+    whose runs can score text as GenPPL evaluators (the AR baseline); ``guides = True`` for a
+    family whose ``draw`` applies classifier-free guidance at ``sampler.guidance`` (CoBit)."""
 
     name: str
     options: type | None

@@ -26,6 +26,7 @@ class CoBit:
     name = "cobit"
     options = None
     sweeps_sampler = True
+    guides = True
 
     def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
         if text.codec.width != cfg.model.patch_size:
@@ -79,7 +80,11 @@ class CoBit:
         ``prompt``: its given tokens' bits are clamped at every solver step (``Cond.clamped``), a
         prefix or an infill alike. A model trained without conditioning still takes them
         ("replacement" conditioning); ``prompt=None`` is the unconditional sampler bit for bit.
+        With a prompt and ``sampler_cfg.guidance`` w != 1 the sampler is guided (``guided_denoise``:
+        two network calls per denoise out of the ``nfe`` budget); w = 1 is the plain conditional
+        sampler. Callers refuse w != 1 without a prompt (``bitgen.generation.check_guidance``).
         """
+        import jax.numpy as jnp
         import numpy as np
 
         from bitgen.diffusion.cond import Cond
@@ -90,15 +95,17 @@ class CoBit:
                 "sampler.grid=entropic needs an entropy table and this model has none (a run's "
                 "entropy_tables/ is empty, or a weights file or folder came without one); pass "
                 "--table lm1b|owt|PATH or set sampler.grid=karras")
+        guided = prompt is not None and sampler_cfg.guidance != 1
         sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
-                                model.cfg.diffusion)
+                                model.cfg.diffusion, guided=guided)
         if prompt is None:
             return lambda params, key, batch: sampler(params, key, batch).bits
         mask, bits = prompt.known_bits(model.text, model.cfg.model.seq_bits)
+        scale = {"guidance": jnp.float32(sampler_cfg.guidance)} if guided else {}
 
         def draw(params, key, batch):
             cond = Cond.clamped(np.broadcast_to(mask, (batch, mask.size)),
-                                np.broadcast_to(bits, (batch, bits.size)))
+                                np.broadcast_to(bits, (batch, bits.size)), **scale)
             return sampler(params, key, batch, cond=cond).bits
 
         return draw

@@ -1,0 +1,231 @@
+"""Sudoku evaluation of a trained run (issue 12): solve puzzles batch by batch and score them.
+
+A Sudoku run is a run whose config has ``data.source == "sudoku"`` (180-token rows, the 12-id
+``SUDOKU_CODEC``). Each puzzle's prompt (``BOS puzzle BOS``, 91 tokens) is given and the model
+writes the 89-token solution:
+
+* CoBit: the 364 prompt bits are clamped at every solver step (``Cond.clamped(prompt_bit_mask,
+  prompt_bits)``); ``sampler.guidance`` w != 1 runs the guided sampler over them.
+* AR: ``ar_sample`` continues ``prompt_ids``; temperature 0 is greedy (argmax).
+
+Operating points: CoBit one per γ (at the given NFE, default 180 as in the issue), AR greedy and,
+unless the temperature is 0, sampled at (temperature, top-p). The metrics are
+``bitgen.eval.sudoku.score`` per difficulty group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitgen.config import ExperimentConfig, SamplerConfig
+from bitgen.data.sudoku import (
+    CODE_WIDTH,
+    ROW_TOKENS,
+    VOCAB_SIZE,
+    bits_to_codes,
+    prompt_bit_mask,
+    prompt_bits,
+    prompt_ids,
+    split_rows,
+    sudoku_rows,
+)
+from bitgen.errors import BitgenError
+from bitgen.eval.sudoku import format_scores, score, write_predictions
+from bitgen.files import write_atomic
+from bitgen.generation import check_guidance
+from bitgen.loading import LoadedModel
+
+SUDOKU_SOURCE = "sudoku"
+DEFAULT_NUM = 300  # validation puzzles: a few CPU minutes for the sudoku_cpu model
+DEFAULT_NFE = 180  # the issue's protocol
+METRICS_FILE, TABLE_FILE = "sudoku_metrics.json", "sudoku_metrics.md"
+
+# (params, key, puzzles uint8 [B, 81]) -> generated codes [B, 180] (12-15 = invalid codes)
+SolveBatch = Callable[[Any, Any, np.ndarray], np.ndarray]
+
+
+class SudokuEvalError(BitgenError, ValueError):
+    """A run or setting the Sudoku evaluation cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One operating point. name: filename-safe label (``gamma0.2``, ``greedy``, ``t0.9_p1``)."""
+
+    name: str
+    sampler_cfg: SamplerConfig
+    temperature: float
+    top_p: float
+
+
+def is_sudoku_run(cfg: ExperimentConfig) -> bool:
+    return cfg.data.source == SUDOKU_SOURCE
+
+
+def check_sudoku_model(model: LoadedModel) -> None:
+    """Refuse a model that is not a Sudoku run of a family this evaluation can drive."""
+    cfg = model.cfg
+    if not is_sudoku_run(cfg):
+        raise SudokuEvalError(f"--task sudoku needs a Sudoku run (data.source='sudoku'), but "
+                              f"{model.source} has data.source={cfg.data.source!r}; evaluate it "
+                              "with --task text (GenPPL)")
+    codec = model.text.codec
+    if (cfg.model.seq_tokens, codec.vocab_size, codec.width) != (ROW_TOKENS, VOCAB_SIZE, CODE_WIDTH):
+        raise SudokuEvalError(f"{model.source} is not laid out as Sudoku rows: seq_tokens="
+                              f"{cfg.model.seq_tokens}, {codec.vocab_size} ids of {codec.width} bits "
+                              f"(need {ROW_TOKENS}, {VOCAB_SIZE}, {CODE_WIDTH}); retrain with a sudoku config")
+    if model.task not in _SOLVERS:
+        raise SudokuEvalError(f"--task sudoku drives {sorted(_SOLVERS)} runs, not task={model.task}")
+
+
+def operating_points(model: LoadedModel, *, nfe: int, gammas: list[float] | None,
+                     temperature: float, top_p: float) -> list[Point]:
+    """CoBit: one point per γ (default: the run's ``sampler.gamma``) at ``nfe``; AR: greedy, then
+    sampled at (temperature, top_p) unless temperature is 0."""
+    if model.task == "ar":
+        points = [Point("greedy", model.cfg.sampler, 0.0, 1.0)]
+        if temperature > 0:
+            points.append(Point(f"t{temperature:g}_p{top_p:g}", model.cfg.sampler, temperature, top_p))
+        return points
+    base = model.cfg.sampler
+    suffix = "" if base.guidance == 1 else f"_w{base.guidance:g}"
+    return [Point(f"gamma{g:g}{suffix}", dataclasses.replace(base, nfe=nfe, gamma=g), temperature, top_p)
+            for g in (gammas or [base.gamma])]
+
+
+def _cobit_solver(model: LoadedModel, point: Point) -> SolveBatch:
+    import jax.numpy as jnp
+
+    from bitgen.diffusion.cond import Cond
+    from bitgen.families.cobit import MissingTableError
+    from bitgen.sampling import build_sampler
+
+    sampler_cfg = point.sampler_cfg
+    if sampler_cfg.grid == "entropic" and model.table is None:
+        raise MissingTableError("sampler.grid=entropic needs an entropy table and this run has none "
+                                "yet; pass --table PATH or sampler.grid=karras")
+    guided = sampler_cfg.guidance != 1
+    sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
+                            model.cfg.diffusion, guided=guided)
+    scale = {"guidance": jnp.float32(sampler_cfg.guidance)} if guided else {}
+
+    def solve(params, key, puzzles):
+        cond = Cond.clamped(prompt_bit_mask(len(puzzles)), prompt_bits(puzzles), **scale)
+        return bits_to_codes(np.asarray(sampler(params, key, len(puzzles), cond=cond).bits))
+
+    return solve
+
+
+def _ar_solver(model: LoadedModel, point: Point) -> SolveBatch:
+    import jax.numpy as jnp
+
+    from bitgen.families.ar import ar_config
+    from bitgen.nn.ar import ar_sample
+
+    model_cfg = ar_config(model.cfg, model.text.vocab_size)
+
+    def solve(params, key, puzzles):
+        ids = jnp.asarray(prompt_ids(puzzles), jnp.int32)
+        return np.asarray(ar_sample(params, key, ids, cfg=model_cfg, length=ROW_TOKENS,
+                                    temperature=point.temperature, top_p=point.top_p))
+
+    return solve
+
+
+_SOLVERS: dict[str, Callable[[LoadedModel, Point], SolveBatch]] = {"cobit": _cobit_solver,
+                                                                   "ar": _ar_solver}
+
+
+def solve_puzzles(model: LoadedModel, point: Point, puzzles: np.ndarray, *, seed: int,
+                  batch_size: int, progress: bool = True, flag=None) -> np.ndarray:
+    """Generated codes [n, 180] for ``puzzles`` [N, 81], in batches of ``batch_size``; batch k
+    draws with ``fold_in(key(seed), k)``. n < N only when ``flag`` (a PreemptionFlag) stopped it."""
+    import jax
+
+    check_guidance(model, point.sampler_cfg, conditioned=True)
+    solve = _SOLVERS[model.task](model, point)
+    root, out = jax.random.key(seed), []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(puzzles), unit="puzzle", desc=point.name, leave=False, dynamic_ncols=True)
+    try:
+        for k, start in enumerate(range(0, len(puzzles), batch_size)):
+            if flag is not None and flag.requested:
+                break
+            batch = np.asarray(puzzles[start:start + batch_size])
+            out.append(solve(model.params, jax.random.fold_in(root, k), batch))
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.concatenate(out) if out else np.zeros((0, ROW_TOKENS), np.uint32)
+
+
+def validation_puzzles(cfg: ExperimentConfig, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``num`` validation puzzles and their solutions [num, 81] of the cached data set
+    (``sudoku_rows(cfg.data.cache_dir)``, built on first use: about 100 s)."""
+    valid = sudoku_rows(cfg.data.cache_dir).valid
+    if not 1 <= num <= len(valid):
+        raise SudokuEvalError(f"--num {num} must be in [1, {len(valid)}] (the validation split)")
+    return split_rows(valid[:num])
+
+
+def evaluate_points(model: LoadedModel, points: list[Point], puzzles: np.ndarray,
+                    solutions: np.ndarray | None, *, seeds: list[int], batch_size: int,
+                    out_dir: Path, progress: bool = True, flag=None, log=print) -> list[dict]:
+    """Solve and score every (point, seed); writes ``predictions_<point>_seed<S>.txt`` per row
+    and returns one JSON-ready row each (settings, seconds, scores per group)."""
+    rows = []
+    for point in points:
+        for seed in seeds:
+            started = time.perf_counter()
+            codes = solve_puzzles(model, point, puzzles, seed=seed, batch_size=batch_size,
+                                  progress=progress, flag=flag)
+            if len(codes) < len(puzzles):
+                return rows
+            seconds = time.perf_counter() - started
+            predictions = out_dir / f"predictions_{point.name}_seed{seed}.txt"
+            write_predictions(predictions, puzzles, codes)
+            scores = score(codes, puzzles, solutions)
+            settings = model.family.settings(point.sampler_cfg, temperature=point.temperature,
+                                             top_p=point.top_p)
+            rows.append({"point": point.name, "seed": seed, "n": len(puzzles),
+                         "seconds": round(seconds, 2), "settings": settings,
+                         "predictions": str(predictions),
+                         "scores": {g: dataclasses.asdict(s) for g, s in scores.items()}})
+            log(f"{point.name} seed {seed}: {len(puzzles)} puzzles in {seconds:.1f} s "
+                f"({len(puzzles) / seconds:.1f} puzzles/s)\n{format_scores(scores)}")
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One Markdown line per (point, seed, group); percentages, ``-`` where unknown."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| point | seed | group | n | exact % | cell % | solved % | invalid % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for group, s in row["scores"].items():
+            lines.append(f"| {row['point']} | {row['seed']} | {group} | {s['n']} | "
+                         f"{pct(s['exact_match'])} | {pct(s['cell_accuracy'])} | {pct(s['solved'])} | "
+                         f"{pct(s['invalid_code_rate'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict], out_dir: Path, header: dict) -> tuple[Path, Path]:
+    """``sudoku_metrics.json`` (``header`` + rows) and ``sudoku_metrics.md`` in ``out_dir``."""
+    metrics, table = out_dir / METRICS_FILE, out_dir / TABLE_FILE
+    write_atomic(metrics, json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    write_atomic(table, markdown_table(rows))
+    return metrics, table
