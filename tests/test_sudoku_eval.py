@@ -19,6 +19,7 @@ from bitgen.data.sudoku import (
     encode_rows,
     prompt_ids,
 )
+from bitgen.data.sudoku_corpus import sudoku_tokenizer
 from bitgen.data.sudoku_gen import generate_split
 from bitgen.eval import sudoku_run
 from bitgen.families.ar import ar_config
@@ -31,13 +32,9 @@ SUDOKU_MODEL = ModelConfig(patch_size=4, seq_tokens=180, embed_dim=16, n_heads=2
 
 
 def _sudoku_text() -> TextCodec:
-    """A 12-symbol word-level tokenizer over the Sudoku ids (the test's stand-in for the run's
-    saved ``tokenizer/``; decoding is only for display, the metrics read codes)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-
-    vocab = {".": 0, **{str(d): d for d in range(1, 10)}, "[SEP]": 10, "^": 11}
-    return TextCodec(Tokenizer(WordLevel(vocab, unk_token="[SEP]")), SUDOKU_CODEC)
+    """The text pipeline a Sudoku run saves in ``tokenizer/`` (decoding is only for display; the
+    metrics read codes)."""
+    return TextCodec(sudoku_tokenizer(), SUDOKU_CODEC)
 
 
 def _sudoku_run(run_dir, task: str):
