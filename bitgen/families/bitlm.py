@@ -113,7 +113,8 @@ class BitLM:
     def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
         if text.codec.width != cfg.model.patch_size:
             raise ConfigError(f"the codec gives {text.codec.width} bits per token but "
-                              f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
+                              f"model.patch_size={cfg.model.patch_size}; "
+                              f"set model.patch_size={text.codec.width}")
 
     def task(self, cfg: ExperimentConfig, vocab_size: int | None) -> Task:
         from bitgen.nn import bitlm

@@ -13,7 +13,7 @@ Public API:
   BitHeadConfig
   BitHead(cfg)(z [N,M,P], t [N], cond [N,M,E], drop [N] bool | None) -> x̂ [N,M,P] float32
   sample_train_times(key, n, *, mean, std) -> t [n]            # logit-normal
-  flow_x_loss(x, x_hat, t, *, v_floor) -> per-block loss [N]    # ‖x−x̂‖²/max(1−t, v_floor)², mean over bits
+  flow_x_loss(x, x_hat, t, *, v_floor) -> per-block loss [N]  # mean_bits (x−x̂)²/max(1−t, v_floor)²
   posterior_mean(z, t, support, probs) -> E[x | z_t]             # exact, for a finite support
 """
 
@@ -115,8 +115,8 @@ def sample_train_times(key: Array, n: int, *, mean: float, std: float) -> Array:
 def flow_x_loss(x: Array, x_hat: Array, t: Array, *, v_floor: float) -> Array:
     """Velocity-space MSE of an x-prediction: ``mean_bits (x − x̂)² / max(1−t, v_floor)²``.
 
-    x, x_hat [N, ...]; t [N]. Equals ‖v − v̂‖² (mean over bits) for ``v = (x − z)/max(1−t, floor)``,
-    since z cancels. Returns [N] float32.
+    x, x_hat [N, ...]; t [N]. Equals ‖v − v̂‖² (mean over bits) for
+    ``v = (x − z)/max(1−t, floor)``, since z cancels. Returns [N] float32.
     """
     weight = 1.0 / jnp.square(jnp.maximum(1.0 - t.astype(jnp.float32), v_floor))
     sq = jnp.square(x.astype(jnp.float32) - x_hat.astype(jnp.float32))
