@@ -101,7 +101,7 @@ def test_ar_blocks_follow_the_rules_around_a_jitted_call(mesh):
     """The sampler pattern: ``activation_mesh`` entered around the first call of a jitted function."""
     params = ar.init_ar_params(jax.random.key(0), AR_CFG)
     ids = jax.random.randint(jax.random.key(1), (BATCH, AR_CFG.seq_len), 0, AR_CFG.vocab_size)
-    intercept, seen = block_output_shardings(ar._Block)
+    intercept, seen = block_output_shardings(ar.DecoderBlock)
 
     @jax.jit
     def logits_fn(params, ids):

@@ -17,6 +17,7 @@ from bitgen.errors import BitgenError
 _MODULES = {
     "cobit": "bitgen.families.cobit",  # CoBit bitstream diffusion over P-bit token codes
     "ar": "bitgen.families.ar",  # autoregressive softmax baseline over token ids
+    "bitlm": "bitgen.families.bitlm",  # block-causal backbone + bitwise diffusion head (BitLM)
 }
 
 

@@ -71,15 +71,21 @@ class ARConfig:
 KVCache = tuple[attention.KVCache, ...]  # one layer cache per block
 
 
-class _Block(nn.Module):
+class DecoderBlock(nn.Module):
+    """Pre-LN residual block: attention (causal, or block-causal with ``block_size`` = m > 1) then
+    SwiGLU. x [B, C, E] (float32 residual) with an optional layer cache -> (x, cache); ``mask``: an
+    extra attention mask (e.g. ``attention.segment_mask`` for packed rows)."""
+
     cfg: ARConfig
+    block_size: int = 1
 
     @nn.compact
-    def __call__(self, x_BxCxE, cache: attention.KVCache | None, train: bool):
+    def __call__(self, x_BxCxE, cache: attention.KVCache | None, train: bool, mask=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not train)
-        h, cache = attention.Attention(cfg.n_heads, block_size=1, rope_base=cfg.rope_base, dtype=cfg.dtype,
-                                       name="attn")(layer_norm(x_BxCxE).astype(cfg.dtype), cache=cache)
+        h, cache = attention.Attention(cfg.n_heads, block_size=self.block_size, rope_base=cfg.rope_base,
+                                       dtype=cfg.dtype, name="attn")(
+            layer_norm(x_BxCxE).astype(cfg.dtype), cache=cache, mask=mask)
         x_BxCxE = x_BxCxE + drop(h).astype(x_BxCxE.dtype)
         h = SwiGLU(int(2 * cfg.dim_ff / 3), dropout=cfg.dropout, dtype=cfg.dtype, name="mlp")(
             layer_norm(x_BxCxE).astype(cfg.dtype), train=train)
@@ -104,7 +110,7 @@ class ARTransformer(nn.Module):
         x_BxCxE = embed(ids_BxC)  # residual stream in float32
         new_cache = []
         for i in range(cfg.n_blocks):
-            x_BxCxE, layer_cache = _Block(cfg, name=f"block_{i}")(
+            x_BxCxE, layer_cache = DecoderBlock(cfg, name=f"block_{i}")(
                 x_BxCxE, None if cache is None else cache[i], train)
             new_cache.append(layer_cache)
         h = layer_norm(x_BxCxE).astype(cfg.dtype)
