@@ -14,6 +14,10 @@ round excluded; median of ``--reps``) on the same threads:
   global-norm clip 1.0, AdamW (β = 0.9/0.99, wd 0.01) and an EMA update, as bitgen's step does;
 - ``matmul``: the chain of 2048² matmuls of ``bitgen.bench.timing`` sized to bitgen's step FLOPs.
 
+Threads: both runtimes size their pools from the CPU affinity mask. On a shared, oversubscribed
+box PyTorch eager stalls at every op's thread barrier, so run it pinned (``taskset -c 1 python
+tools/compare_official_cpu.py ...``: one thread each); see docs/benchmarks.md.
+
 Model FLOPs are ``bitgen.bench.flops.train_step_flops`` for every program: 4 passes with the SC
 pass, 3 without; dropout 0.1 everywhere. Needs torch (CPU) and the official code's imports
 (``ml_collections`` is replaced by a stand-in when absent: the model only reads attributes).
