@@ -19,7 +19,7 @@ import pytest
 from bitgen.bench.cli import _tokens_vocab, _trunk_batch
 from bitgen.bench.flops import activation_elements, forward_flops, train_step_flops
 from bitgen.bench.heads import BitHead, bits_per_token, head_programs, head_train_fn
-from bitgen.bench.programs import trunk_config
+from bitgen.bench.programs import train_step_program, trunk_config
 from bitgen.bench.report import format_table, run_bench
 from bitgen.bench.timing import compiled_memory
 from bitgen.cli import COMMANDS
@@ -172,3 +172,13 @@ def test_head_memory_counts_the_token_logits():
 
 def test_cli_registration():
     assert COMMANDS["bench"][0] == "bitgen.bench.cli"
+
+
+def test_train_step_program_is_the_bench_step_with_its_flops():
+    cfg = trunk_config("tiny", dtype="float32")
+    step, flops = train_step_program(cfg, 8)
+    # The default config self-conditions (p = 0.5), so the bootstrap forward is counted.
+    assert flops == train_step_flops(cfg, 8, self_conditioning=True)
+    state, data = step.args
+    assert data["bits"].shape == (8, cfg.seq_bits)
+    assert step.feed_back((state, {})) == (state, data)  # the donated state is fed back

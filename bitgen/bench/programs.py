@@ -43,16 +43,11 @@ def random_bits(key: jax.Array, batch: int, seq_bits: int) -> jax.Array:
     return jax.random.bernoulli(key, 0.5, (batch, seq_bits)).astype(jnp.uint8)
 
 
-def bench_train_step(model_cfg: ModelConfig, batch: int, *, repeats: int, matmul_size: int,
-                     name: str = "") -> dict[str, Any]:
-    """Time the real jitted, sharded, donated train step of ``bitgen.train`` at ``batch``.
-
-    The matmul limit is re-measured between steps (``time_interleaved``) with a chain of matmuls
-    of the step's FLOP count, so the step's achieved FLOP/s is divided by a limit taken under the
-    same machine load over a similar span of time.
-    """
+def train_step_program(model_cfg: ModelConfig, batch: int) -> tuple[Program, float]:
+    """The real jitted, sharded, donated train step of ``bitgen.train`` at ``batch`` as a timing
+    ``Program`` (fresh state, uniform random bits), and its model FLOPs per step
+    (``train_step_flops``, self-conditioning pass counted when the config has one)."""
     from bitgen import parallel
-    from bitgen.diffusion.denoiser import count_params
     from bitgen.train.program import build_train_program
 
     cfg = validate(ExperimentConfig(model=model_cfg, data=DataConfig(batch_size=batch),
@@ -62,13 +57,26 @@ def bench_train_step(model_cfg: ModelConfig, batch: int, *, repeats: int, matmul
     state, step = program.init_state(), program.step_fn
     bits = np.asarray(random_bits(jax.random.key(1), batch, model_cfg.seq_bits))
     data = parallel.global_batch({program.input_key: bits}, mesh, batch)
-
     flops = train_step_flops(model_cfg, batch,
                              self_conditioning=cfg.diffusion.self_condition_prob > 0)
+    return Program(step, (state, data), feed_back=lambda out: (out[0], data)), flops
+
+
+def bench_train_step(model_cfg: ModelConfig, batch: int, *, repeats: int, matmul_size: int,
+                     name: str = "") -> dict[str, Any]:
+    """Time the real jitted, sharded, donated train step of ``bitgen.train`` at ``batch``.
+
+    The matmul limit is re-measured between steps (``time_interleaved``) with a chain of matmuls
+    of the step's FLOP count, so the step's achieved FLOP/s is divided by a limit taken under the
+    same machine load over a similar span of time.
+    """
+    from bitgen.diffusion.denoiser import count_params
+
+    step, flops = train_step_program(model_cfg, batch)
     chain = max(1, round(flops / (2.0 * matmul_size**3)))
     timings = time_interleaved(
-        {"step": Program(step, (state, data), feed_back=lambda out: (out[0], data)),
-         "matmul": matmul_program(matmul_size, model_cfg.compute_dtype, chain)}, rounds=repeats)
+        {"step": step, "matmul": matmul_program(matmul_size, model_cfg.compute_dtype, chain)},
+        rounds=repeats)
     timing = timings["step"]
     limit = chain * 2.0 * matmul_size**3 / timings["matmul"].median_s
     tokens = batch * model_cfg.seq_tokens
@@ -82,7 +90,6 @@ def bench_train_step(model_cfg: ModelConfig, batch: int, *, repeats: int, matmul
         "achieved_flops_per_s": achieved, "matmul_chain": chain, "matmul_limit_flops_per_s": limit,
         "fraction_of_matmul_limit": achieved / limit,
     }
-
 
 
 def bench_sampler(model_cfg: ModelConfig, batch: int, *, nfe: int = 256, repeats: int = 3,

@@ -1,5 +1,6 @@
 """Reusable transformer blocks (Flax Linen): dense layers with logical axes, affine-free LayerNorm,
-adaLN-Zero, SwiGLU and activation sharding constraints (attention and RoPE: ``bitgen.nn.attention``).
+adaLN-Zero, SwiGLU, dropout and activation sharding constraints (attention and RoPE:
+``bitgen.nn.attention``).
 
 Every parameter is declared with logical axis names (``embed``, ``mlp``, ``heads``, ``patch_in``,
 ``content``, ``head_hidden``, ``bits`` or ``None``) so one rules table can shard it; no module names a
@@ -12,6 +13,8 @@ Shape letters: B batch, T tokens (= patches), E width.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import math
 
 import flax.linen as nn
 import jax
@@ -88,6 +91,79 @@ class AdaLNZero(nn.Module):
         return h, gate
 
 
+# Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): 20
+# rounds in 5 groups of 4, rotation constants alternating between the two rows, key injection
+# after every group with the third key word k0 ^ k1 ^ PARITY.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def _threefry2x32(key: Array, high: Array, low: Array) -> tuple[Array, Array]:
+    """The Threefry-2x32 block cipher of the counter pairs (high, low) [uint32] under key [2]."""
+    schedule = (key[0], key[1], key[0] ^ key[1] ^ jnp.uint32(_THREEFRY_PARITY))
+    x0, x1 = high + schedule[0], low + schedule[1]
+    for group in range(5):
+        for r in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
+        x0 = x0 + schedule[(group + 1) % 3]
+        x1 = x1 + schedule[(group + 2) % 3] + jnp.uint32(group + 1)
+    return x0, x1
+
+
+def _unrolled_threefry_applies(key: Array, size: int) -> bool:
+    """Whether ``keep_mask`` may compute ``key``'s bits itself: one threefry key (typed, or raw
+    uint32 [2] under the threefry default), jax's partitionable bit layout, and fewer than 2³²
+    draws (the counter's high word stays 0)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        one_threefry_key = key.ndim == 0 and str(jax.random.key_impl(key)) == "threefry2x32"
+    else:
+        one_threefry_key = key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+    return one_threefry_key and bool(jax.config.jax_threefry_partitionable) and size < 2**32
+
+
+def keep_mask(key: Array, keep_prob: float, shape: tuple[int, ...]) -> Array:
+    """Bool mask [shape], True with probability ``keep_prob``: ``jax.random.bernoulli(key,
+    keep_prob, shape)`` bit for bit, computed with the cipher rounds unrolled.
+
+    jax lowers threefry on CPU as a rolled 5-iteration while loop that writes both counter
+    arrays back to memory every iteration; written out here, the rounds fuse into the mask's one
+    elementwise pass (about 10x faster for a [4, 128, 2048] mask on CPU). The draws are jax's:
+    counter i = row-major index (high word 0), bits = x0 ^ x1 of the cipher, uniform =
+    bitcast(bits >> 9 | 1.0f) - 1 in [0, 1), kept where uniform < keep_prob. Keys of another PRNG
+    implementation or layout fall back to ``jax.random.bernoulli`` (tests/test_dropout.py checks
+    equality).
+    """
+    size = math.prod(shape)
+    if not _unrolled_threefry_applies(key, size):
+        return jax.random.bernoulli(key, keep_prob, shape)
+    key_words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    low = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    x0, x1 = _threefry2x32(key_words.astype(jnp.uint32), jnp.zeros(shape, jnp.uint32), low)
+    mantissa = ((x0 ^ x1) >> jnp.uint32(9)) | jnp.uint32(0x3F800000)  # a float in [1, 2)
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    return uniform < jnp.float32(keep_prob)
+
+
+class Dropout(nn.Module):
+    """``flax.linen.Dropout`` (same name, rng stream and output, bit for bit) with its mask from
+    ``keep_mask``: inverted dropout, kept values scaled by 1/(1 - rate)."""
+
+    rate: float
+    deterministic: bool = False
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        if self.rate == 0.0 or self.deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        mask = keep_mask(self.make_rng(self.rng_collection), keep_prob, inputs.shape)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 class SwiGLU(nn.Module):
     """``Wo(Dropout(Wa(h) * SiLU(Wb(h))))`` with biases; names mirror the reference."""
 
@@ -100,7 +176,7 @@ class SwiGLU(nn.Module):
         """x: [..., E] -> [..., E]."""
         a = dense(self.hidden, ("embed", "mlp"), name="Wa", dtype=self.dtype)(x)
         b = dense(self.hidden, ("embed", "mlp"), name="Wb", dtype=self.dtype)(x)
-        y = nn.Dropout(self.dropout, deterministic=not train)(a * nn.silu(b))
+        y = Dropout(self.dropout, deterministic=not train)(a * nn.silu(b))
         return dense(x.shape[-1], ("mlp", "embed"), name="Wo", dtype=self.dtype)(y)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from bitgen.config import ModelConfig
 from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.nn.attention import Attention
-from bitgen.nn.layers import AdaLNZero, SwiGLU, constrain, dense, xavier_uniform
+from bitgen.nn.layers import AdaLNZero, Dropout, SwiGLU, constrain, dense, xavier_uniform
 
 Array = jax.Array
 
@@ -77,7 +77,7 @@ class SDTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, t_emb: Array) -> Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
-        drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        drop = Dropout(cfg.dropout, deterministic=not self.train)
         h, gate = AdaLNZero(cfg.embed_dim, dtype=dtype, name="adaln1")(x, t_emb)
         y, _ = Attention(cfg.n_heads, dropout=cfg.dropout, rope_base=cfg.rope_base,
                          implementation=cfg.attention, dtype=dtype, name="attn")(h, train=self.train)
@@ -119,7 +119,7 @@ class OptimalSkipMLPHead(nn.Module):
         h, gate = AdaLNZero(hidden, axes=("head_hidden", None), dtype=dtype, name="adaln")(h, t_h)
         h = dense(hidden, ("head_hidden", None), name="mixer_0", dtype=dtype)(h * gate[:, None, :])
         self.sow("intermediates", "mixer_0_out", h)
-        h = nn.Dropout(cfg.dropout, deterministic=not self.train)(nn.silu(h))
+        h = Dropout(cfg.dropout, deterministic=not self.train)(nn.silu(h))
         return dense(1, ("head_hidden", None), name="mixer_3", dtype=dtype)(h)
 
 
