@@ -29,7 +29,7 @@ import optax
 
 from bitgen.nn.nll import windowed_sequence_nll
 from bitgen.nn import attention
-from bitgen.nn.layers import SwiGLU, constrain, dense, layer_norm, normal_002
+from bitgen.nn.layers import Dropout, SwiGLU, constrain, dense, layer_norm, normal_002
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -82,7 +82,7 @@ class DecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxCxE, cache: attention.KVCache | None, train: bool, mask=None):
         cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout, deterministic=not train)
+        drop = Dropout(cfg.dropout, deterministic=not train)
         h, cache = attention.Attention(cfg.n_heads, block_size=self.block_size, rope_base=cfg.rope_base,
                                        dtype=cfg.dtype, name="attn")(
             layer_norm(x_BxCxE).astype(cfg.dtype), cache=cache, mask=mask)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bitgen.nn.layers import dense
+from bitgen.nn.layers import Dropout, dense
 
 Array = jax.Array
 
@@ -225,5 +225,5 @@ class Attention(nn.Module):
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.dropout, deterministic=False)(probs).astype(v.dtype)
+        probs = Dropout(self.dropout, deterministic=False)(probs).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
