@@ -235,6 +235,7 @@ TINY = ["model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n
         "train.sample_every=3", "optim.warmup_steps=2", "sampler.batch_size=2"]
 
 
+@pytest.mark.slow  # trains, resumes and samples a run through the CLI (~30 s idle)
 def test_a_bitlm_run_resumes_exactly_and_continues_a_prompt(tmp_path):
     from bitgen.config import load_config
     from bitgen.train.loop import max_param_difference, train

@@ -218,10 +218,11 @@ def evaluate_sudoku(args: argparse.Namespace, model, log=print) -> tuple[list[di
         validation_puzzles,
         write_report,
     )
-    from bitgen.generation import guidance_note, sampling_options
+    from bitgen.generation import check_guidance, guidance_note, sampling_options
     from bitgen.preemption import PreemptionFlag
 
     check_sudoku_model(model)
+    check_guidance(model, model.cfg.sampler, conditioned=True)  # before any puzzle is read or built
     if args.puzzles:
         puzzles, solutions = read_puzzles(args.puzzles)
         puzzles, solutions = (puzzles, solutions) if args.num is None else (
