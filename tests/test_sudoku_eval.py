@@ -209,3 +209,15 @@ def test_guided_sudoku_eval_runs_the_guided_sampler(runs, puzzle_set, monkeypatc
     # DDIM + carry: (nfe - 1) // calls points, one call per denoise unguided and two guided.
     assert built == [(True, 2.0, 4), (False, None, 8)]
     assert point.name == "gamma0.1_w2"
+
+
+def test_flags_of_the_other_task_and_bad_counts_are_refused_before_any_work(runs, tmp_path, capsys):
+    checks = [
+        ((runs["cobit"], "--ar-run", str(runs["ar"])), "--ar-run apply to --task text"),
+        ((runs["cobit"], "--control", "--sweep", "nfe=8"), "--sweep, --control apply to --task text"),
+        ((runs["ar"], "--num", "0"), "--num must be >= 1"),
+    ]
+    for argv, message in checks:
+        assert _eval(*argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -142,12 +142,14 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
         run_sweep,
         write_csv,
     )
+    from bitgen.generation import check_guidance
     from bitgen.loading import SampleError, load_model
 
     model = load_model_from_args(args)
     log(f"model: {model.source} (step {model.step})")
     if _task(args, model) == "sudoku":
         return evaluate_sudoku(args, model, log)
+    check_guidance(model, model.cfg.sampler, conditioned=False)  # before the evaluator loads
     if args.evaluator is None:
         raise SampleError("bitgen eval --task text needs --evaluator: an AR run directory, "
                           "gpt2:DIR, or none")
@@ -205,6 +207,15 @@ def _task(args: argparse.Namespace, model) -> str:
         if given:
             raise SudokuEvalError(f"{', '.join(given)} apply to --task sudoku; for a text run "
                                   "give the sampler grid with --sweep")
+    else:
+        given = [flag for flag, value in (("--sweep", args.sweep), ("--control", args.control),
+                                          ("--ar-run", args.ar_run)) if value]
+        if given:
+            raise SudokuEvalError(f"{', '.join(given)} apply to --task text; --task sudoku takes "
+                                  "--gamma/--nfe, and an AR Sudoku run is evaluated with its own "
+                                  "--run-dir")
+        if args.num is not None and args.num < 1:
+            raise SudokuEvalError(f"--num must be >= 1 puzzles, got {args.num}")
     return task
 
 

@@ -36,13 +36,13 @@ from bitgen.data.sudoku import (
     split_rows,
     sudoku_rows,
 )
+from bitgen.data.sudoku_corpus import SUDOKU_SOURCE
 from bitgen.errors import BitgenError
 from bitgen.eval.sudoku import format_scores, score, write_predictions
 from bitgen.files import write_atomic
 from bitgen.generation import check_guidance
 from bitgen.loading import LoadedModel
 
-SUDOKU_SOURCE = "sudoku"
 DEFAULT_NUM = 300  # validation puzzles: a few CPU minutes for the sudoku_cpu model
 DEFAULT_NFE = 180  # the protocol
 METRICS_FILE, TABLE_FILE = "sudoku_metrics.json", "sudoku_metrics.md"

@@ -119,7 +119,9 @@ def _unrolled_threefry_applies(key: Array, size: int) -> bool:
         one_threefry_key = key.ndim == 0 and str(jax.random.key_impl(key)) == "threefry2x32"
     else:
         one_threefry_key = key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
-    return one_threefry_key and bool(jax.config.jax_threefry_partitionable) and size < 2**32
+    # Under x64 jax.random.bernoulli draws float64 uniforms: other bits, so jax computes them.
+    return (one_threefry_key and bool(jax.config.jax_threefry_partitionable) and size < 2**32
+            and not jax.config.jax_enable_x64)
 
 
 def keep_mask(key: Array, keep_prob: float, shape: tuple[int, ...]) -> Array:
