@@ -29,7 +29,6 @@ from bitgen.data.sudoku import (
     split_rows,
     sudoku_rows,
     tokens_to_grid,
-    with_prompt_mask,
 )
 from bitgen.data.sudoku_gen import (
     CLUES,
@@ -256,7 +255,8 @@ def test_rows_feed_the_data_pipeline_unchanged(sample):
 
     puzzles, solutions, _ = sample["medium"]
     rows = encode_rows(puzzles[:8], solutions[:8])
-    batch = with_prompt_mask(make_batch_dataset(rows, SUDOKU_CODEC, global_batch=4, seed=0)[0])
+    batch = make_batch_dataset(rows, SUDOKU_CODEC, global_batch=4, seed=0,
+                               prompt_tokens=PROMPT_TOKENS)[0]
     assert batch["ids"].shape == (4, ROW_TOKENS) and batch["bits"].shape == (4, ROW_BITS)
     picked = [int(np.flatnonzero((rows == ids).all(1))[0]) for ids in batch["ids"]]
     assert (batch["bits"] == rows_to_bits(rows[picked])).all()

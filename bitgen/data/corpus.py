@@ -21,7 +21,6 @@ from bitgen.config import DataConfig
 from bitgen.data.cache import cache_dir_for, load_cached_rows, write_cached_rows
 from bitgen.data.packing import StreamPacker
 from bitgen.data.rows import DatasetStats, PackedRows
-from bitgen.data.sudoku_corpus import SUDOKU_SOURCE, sudoku_packed_rows
 from bitgen.data.sources import (
     NORMALISATION_VERSION,
     DataError,
@@ -29,6 +28,7 @@ from bitgen.data.sources import (
     TextSource,
     open_source,
 )
+from bitgen.data.sudoku_corpus import SUDOKU_SOURCE, sudoku_packed_rows
 from bitgen.tokenizers import (
     CodeTokenizer,
     load_tokenizer,

@@ -130,12 +130,6 @@ def prompt_bits(puzzles) -> np.ndarray:
     return bits
 
 
-def with_prompt_mask(batch: dict) -> dict:
-    """A data-pipeline batch ``{"bits": [B, 720], "ids": [B, 180]}`` plus ``"cond_mask"`` bool
-    [B, 720] (``prompt_bit_mask``): the known bits for conditional training."""
-    return {**batch, "cond_mask": prompt_bit_mask(len(batch["ids"]))}
-
-
 def clue_difficulty(puzzles) -> np.ndarray:
     """Puzzles [N, 81] -> difficulty index [N] into ``DIFFICULTIES`` by clue count, -1 for a count
     that is none of 40 / 35 / 30."""
