@@ -353,6 +353,39 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept():
     assert seen == others
 
 
+def test_abandoned_orbax_read_tasks_are_not_logged_and_others_are(tmp_path, caplog):
+    # A real asyncio report: tasks that failed with nobody retrieving the exception are logged
+    # when the garbage collector reaches them, one from a coroutine defined under an orbax folder.
+    import asyncio
+    import gc
+    import logging
+
+    from bitgen.cli import _not_an_abandoned_orbax_task
+
+    orbax_module = {}
+    exec(compile("async def read():\n    raise ValueError('truncated stream')\n",
+                 str(tmp_path / "orbax" / "reader.py"), "exec"), orbax_module)
+
+    async def ours():
+        raise ValueError("our own failure")
+
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(_not_an_abandoned_orbax_task)
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            loop = asyncio.new_event_loop()
+            tasks = [loop.create_task(orbax_module["read"]()), loop.create_task(ours())]
+            loop.run_until_complete(asyncio.sleep(0.01))
+            loop.close()
+            del tasks
+            gc.collect()
+    finally:
+        logger.removeFilter(_not_an_abandoned_orbax_task)
+    reports = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(reports) == 1, reports
+    assert reports[0].startswith("Task exception was never retrieved") and "ours" in reports[0]
+
+
 # -- the checksum itself -------------------------------------------------------------------------
 
 @settings(max_examples=30, deadline=None)
