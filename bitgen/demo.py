@@ -13,7 +13,7 @@ read back from ``eval/results.jsonl``):
    decoded and scored like samples: a generator must beat it to show it learned context)
 5. print the table; write <work>/eval/{results.jsonl,table.csv,frontier.png}; then one prompted
    continuation per model (CoBit clamps the prompt's bits, AR continues its ids) of ``DemoPlan.prompt``
-   (default ``"The "``), printed and written to <work>/eval/prompted_{cobit,ar}.txt (+ .jsonl)
+   (default ``"The"``), printed and written to <work>/eval/prompted_{cobit,ar}.txt (+ .jsonl)
 
 ``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
 so short a run has not learned an entropy table yet) in ``runs/demo_quick``.
@@ -33,7 +33,9 @@ STAGES = (
     ("evaluator", "demo_ar_eval_cpu", "ar_eval", "larger AR model used as the GenPPL evaluator"),
 )
 
-DEMO_PROMPT = "The "  # how many of the embedded fortunes begin
+# How many of the embedded fortunes begin. No trailing space: byte-level BPE would encode it as a
+# lone-space token, which the corpus never has before a word (" cat" is one token).
+DEMO_PROMPT = "The"
 
 
 @dataclasses.dataclass(frozen=True)

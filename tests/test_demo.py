@@ -72,11 +72,11 @@ def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_train
     assert "tokens drawn independently" in out
     # One prompted continuation per model after the table, printed and written, beginning with
     # the prompt's text.
-    assert out.index("[5/5] results") < out.index("one prompted continuation per model of 'The '")
+    assert out.index("[5/5] results") < out.index("one prompted continuation per model of 'The'")
     for name in ("cobit", "ar"):
         (record,) = [json.loads(line) for line in
                      (tmp_path / "work" / "eval" / f"prompted_{name}.jsonl").read_text().splitlines()]
-        assert record["prompt"] == "The " and record["text"].startswith("The ")
+        assert record["prompt"] == "The" and record["text"].startswith("The")
         assert f"  {name}: {record['text']!r}" in out
     assert (tmp_path / "work" / "eval" / "frontier.png").is_file()
     results = (tmp_path / "work" / "eval" / "results.jsonl").read_text().splitlines()

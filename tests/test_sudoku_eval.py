@@ -86,7 +86,7 @@ def test_eval_task_sudoku_end_to_end_keeps_the_prompt(runs, puzzle_set, tmp_path
     assert _eval(runs[task], "--task", "sudoku", "--puzzles", str(path), "--out", str(out),
                  "--nfe", "6", "--gamma", "0,0.2", "--batch-size", "3") == 0
     report = json.loads((out / sudoku_run.METRICS_FILE).read_text())
-    expected_points = ["gamma0", "gamma0.2"] if task == "cobit" else ["greedy", "t1_p1"]
+    expected_points = ["nfe6_gamma0", "nfe6_gamma0.2"] if task == "cobit" else ["greedy", "t1_p1"]
     assert [r["point"] for r in report["rows"]] == expected_points
     assert report["n"] == N_PUZZLES and report["solutions"] is with_solutions
     for row in report["rows"]:
@@ -208,7 +208,44 @@ def test_guided_sudoku_eval_runs_the_guided_sampler(runs, puzzle_set, monkeypatc
     sudoku_run.solve_puzzles(plain, plain_point, puzzles[:2], seed=0, batch_size=2, progress=False)
     # DDIM + carry: (nfe - 1) // calls points, one call per denoise unguided and two guided.
     assert built == [(True, 2.0, 4), (False, None, 8)]
-    assert point.name == "gamma0.1_w2"
+    assert point.name == "nfe9_gamma0.1_w2"
+
+
+def test_reports_of_more_points_add_up_and_another_evaluation_replaces_them(runs, puzzle_set,
+                                                                              tmp_path, monkeypatch,
+                                                                              capsys):
+    puzzles, solutions = puzzle_set
+
+    def oracle(model, point):  # a test double for the sampler: the puzzles' true rows
+        rows = dict(zip((p.tobytes() for p in puzzles), encode_rows(puzzles, solutions)))
+        return lambda params, key, batch: np.stack([rows[p.tobytes()] for p in batch])
+
+    monkeypatch.setitem(sudoku_run._SOLVERS, "cobit", oracle)
+    out, path = tmp_path / "out", _puzzle_file(tmp_path / "p.txt", puzzles, solutions)
+
+    def evaluate(*extra):
+        assert _eval(runs["cobit"], "--puzzles", str(path), "--out", str(out), *extra) == 0
+        report = json.loads((out / sudoku_run.METRICS_FILE).read_text())
+        return [(r["point"], r["seed"], r["n"]) for r in report["rows"]]
+
+    assert evaluate("--gamma", "0", "--nfe", "6") == [("nfe6_gamma0", 0, 5)]
+    # Another NFE, another seed and a repeated point: the earlier rows stay, the repeat is replaced.
+    assert evaluate("--gamma", "0", "--nfe", "8", "--seeds", "0,1") == [
+        ("nfe6_gamma0", 0, 5), ("nfe8_gamma0", 0, 5), ("nfe8_gamma0", 1, 5)]
+    assert evaluate("--gamma", "0", "--nfe", "6") == [
+        ("nfe8_gamma0", 0, 5), ("nfe8_gamma0", 1, 5), ("nfe6_gamma0", 0, 5)]
+    assert "nfe8_gamma0 | 1 | all" in (out / sudoku_run.TABLE_FILE).read_text()
+    capsys.readouterr()
+    # Other puzzles (the first 3): another evaluation, which replaces the report and says so.
+    assert evaluate("--gamma", "0", "--nfe", "6", "--num", "3") == [("nfe6_gamma0", 0, 3)]
+    assert "replaced" in capsys.readouterr().out
+
+
+def test_a_missing_entropy_table_is_refused_before_any_puzzle_is_read(runs, tmp_path, capsys):
+    # The puzzle file does not exist: reaching it would be another error.
+    assert _eval(runs["cobit"], "sampler.grid=entropic", "--puzzles", str(tmp_path / "none.txt")) == 2
+    err = capsys.readouterr().err
+    assert "needs an entropy table" in err and "sampler.grid=karras" in err
 
 
 def test_flags_of_the_other_task_and_bad_counts_are_refused_before_any_work(runs, tmp_path, capsys):

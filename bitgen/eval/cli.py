@@ -223,17 +223,21 @@ def evaluate_sudoku(args: argparse.Namespace, model, log=print) -> tuple[list[di
     """``--task sudoku``: solve, score per difficulty, write metrics and predictions."""
     from bitgen.eval.sudoku import read_puzzles
     from bitgen.eval.sudoku_run import (
+        check_points,
         check_sudoku_model,
         evaluate_points,
         operating_points,
         validation_puzzles,
         write_report,
     )
-    from bitgen.generation import check_guidance, guidance_note, sampling_options
+    from bitgen.generation import guidance_note, sampling_options
     from bitgen.preemption import PreemptionFlag
 
     check_sudoku_model(model)
-    check_guidance(model, model.cfg.sampler, conditioned=True)  # before any puzzle is read or built
+    temperature, top_p = sampling_options(model, args.temperature, args.top_p)
+    points = operating_points(model, nfe=args.nfe or DEFAULT_NFE, gammas=args.gamma,
+                              temperature=temperature, top_p=top_p)
+    check_points(model, points)  # before any puzzle is read or built
     if args.puzzles:
         puzzles, solutions = read_puzzles(args.puzzles)
         puzzles, solutions = (puzzles, solutions) if args.num is None else (
@@ -242,9 +246,6 @@ def evaluate_sudoku(args: argparse.Namespace, model, log=print) -> tuple[list[di
     else:
         puzzles, solutions = validation_puzzles(model.cfg, args.num or DEFAULT_NUM)
         source = "validation split"
-    temperature, top_p = sampling_options(model, args.temperature, args.top_p)
-    points = operating_points(model, nfe=args.nfe or DEFAULT_NFE, gammas=args.gamma,
-                              temperature=temperature, top_p=top_p)
     out_dir = Path(args.out_dir) if args.out_dir else (
         model.run / "eval" / "sudoku" if model.run else Path("eval") / "sudoku")
     seeds = args.seeds or [0]
@@ -258,7 +259,7 @@ def evaluate_sudoku(args: argparse.Namespace, model, log=print) -> tuple[list[di
                                out_dir=out_dir, progress=not args.no_progress, flag=flag, log=log)
     header = {"run": model.source, "step": model.step, "task": model.task, "puzzles": source,
               "n": len(puzzles), "solutions": solutions is not None}
-    metrics, table = write_report(rows, out_dir, header)
+    metrics, table = write_report(rows, out_dir, header, log=log)
     log(f"wrote {metrics}, {table} and the predictions in {out_dir}")
     return rows, flag.signum
 

@@ -57,7 +57,8 @@ class SudokuEvalError(BitgenError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One operating point. name: filename-safe label (``gamma0.2``, ``greedy``, ``t0.9_p1``)."""
+    """One operating point. name: filename-safe label (``nfe180_gamma0.2``, ``greedy``,
+    ``t0.9_p1``), distinct for every setting that changes the draws."""
 
     name: str
     sampler_cfg: SamplerConfig
@@ -96,21 +97,28 @@ def operating_points(model: LoadedModel, *, nfe: int, gammas: list[float] | None
         return points
     base = model.cfg.sampler
     suffix = "" if base.guidance == 1 else f"_w{base.guidance:g}"
-    return [Point(f"gamma{g:g}{suffix}", dataclasses.replace(base, nfe=nfe, gamma=g), temperature, top_p)
+    return [Point(f"nfe{nfe}_gamma{g:g}{suffix}", dataclasses.replace(base, nfe=nfe, gamma=g),
+                  temperature, top_p)
             for g in (gammas or [base.gamma])]
+
+
+def check_points(model: LoadedModel, points: list[Point]) -> None:
+    """Refuse, before any puzzle is read or built, a point the run cannot draw."""
+    from bitgen.families.cobit import check_table
+
+    for point in points:
+        check_guidance(model, point.sampler_cfg, conditioned=True)
+        if model.task == "cobit":
+            check_table(model, point.sampler_cfg)
 
 
 def _cobit_solver(model: LoadedModel, point: Point) -> SolveBatch:
     import jax.numpy as jnp
 
     from bitgen.diffusion.cond import Cond
-    from bitgen.families.cobit import MissingTableError
     from bitgen.sampling import build_sampler
 
     sampler_cfg = point.sampler_cfg
-    if sampler_cfg.grid == "entropic" and model.table is None:
-        raise MissingTableError("sampler.grid=entropic needs an entropy table and this run has none "
-                                "yet; pass --table PATH or sampler.grid=karras")
     guided = sampler_cfg.guidance != 1
     sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
                             model.cfg.diffusion, guided=guided)
@@ -149,7 +157,7 @@ def solve_puzzles(model: LoadedModel, point: Point, puzzles: np.ndarray, *, seed
     draws with ``fold_in(key(seed), k)``. n < N only when ``flag`` (a PreemptionFlag) stopped it."""
     import jax
 
-    check_guidance(model, point.sampler_cfg, conditioned=True)
+    check_points(model, [point])
     solve = _SOLVERS[model.task](model, point)
     root, out = jax.random.key(seed), []
     bar = None
@@ -223,9 +231,30 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows: list[dict], out_dir: Path, header: dict) -> tuple[Path, Path]:
-    """``sudoku_metrics.json`` (``header`` + rows) and ``sudoku_metrics.md`` in ``out_dir``."""
+def merged_rows(metrics: Path, header: dict, rows: list[dict]) -> tuple[list[dict], str | None]:
+    """``rows`` after the rows of an earlier report at ``metrics`` with the same ``header`` (run,
+    step, puzzles) and another (point, seed): evaluations of more points add up. Returns the rows and,
+    when an existing report is for another header and gets replaced, a note saying which."""
+    if not metrics.is_file():
+        return rows, None
+    try:
+        old = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return rows, f"replaced the unreadable {metrics}"
+    if {k: old.get(k) for k in header} != header:
+        described = ", ".join(f"{k}={old.get(k)}" for k in ("run", "step", "puzzles", "n"))
+        return rows, f"replaced {metrics}, which held another evaluation ({described})"
+    new = {(r["point"], r["seed"]) for r in rows}
+    return [r for r in old.get("rows", []) if (r["point"], r["seed"]) not in new] + rows, None
+
+
+def write_report(rows: list[dict], out_dir: Path, header: dict, log=print) -> tuple[Path, Path]:
+    """``sudoku_metrics.json`` (``header`` + rows, merged with an earlier report of the same header)
+    and ``sudoku_metrics.md`` in ``out_dir``."""
     metrics, table = out_dir / METRICS_FILE, out_dir / TABLE_FILE
+    rows, note = merged_rows(metrics, header, rows)
+    if note is not None:
+        log(note)
     write_atomic(metrics, json.dumps({**header, "rows": rows}, indent=1) + "\n")
     write_atomic(table, markdown_table(rows))
     return metrics, table

@@ -22,6 +22,16 @@ class MissingTableError(BitgenError, RuntimeError):
     """The entropic σ-grid was asked for but the model has no entropy table."""
 
 
+def check_table(model: Any, sampler_cfg: SamplerConfig) -> None:
+    """Raise MissingTableError when ``sampler_cfg`` asks for the entropic grid and the loaded
+    ``model`` has no entropy table."""
+    if sampler_cfg.grid == "entropic" and model.table is None:
+        raise MissingTableError(
+            "sampler.grid=entropic needs an entropy table and this model has none (a run's "
+            "entropy_tables/ is empty, or a weights file or folder came without one); pass "
+            "--table lm1b|owt|PATH or set sampler.grid=karras")
+
+
 class CoBit:
     name = "cobit"
     options = None
@@ -90,11 +100,7 @@ class CoBit:
         from bitgen.diffusion.cond import Cond
         from bitgen.sampling import build_sampler
 
-        if sampler_cfg.grid == "entropic" and model.table is None:
-            raise MissingTableError(
-                "sampler.grid=entropic needs an entropy table and this model has none (a run's "
-                "entropy_tables/ is empty, or a weights file or folder came without one); pass "
-                "--table lm1b|owt|PATH or set sampler.grid=karras")
+        check_table(model, sampler_cfg)
         guided = prompt is not None and sampler_cfg.guidance != 1
         sampler = build_sampler(model.cfg.model, sampler_cfg, model.table, model.cfg.model.seq_bits,
                                 model.cfg.diffusion, guided=guided)
