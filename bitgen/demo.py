@@ -15,6 +15,10 @@ read back from ``eval/results.jsonl``):
    continuation per model (CoBit clamps the prompt's bits, AR continues its ids) of ``DemoPlan.prompt``
    (default ``"The"``), printed and written to <work>/eval/prompted_{cobit,ar}.txt (+ .jsonl)
 
+``--families bitlm,bitlm_softmax,block_cobit`` adds the block-causal families of ``FAMILIES`` at the
+same training budget (their configs take ``demo_cpu``'s data, trunk and optimiser): each is trained in
+``<work>/<name>`` after stage 3, sampled and scored into the same table, and continues the prompt.
+
 ``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
 so short a run has not learned an entropy table yet) in ``runs/demo_quick``.
 """
@@ -26,12 +30,22 @@ import dataclasses
 import time
 from pathlib import Path
 
+from bitgen.config import ConfigError
+
 # (stage name, config, sub-directory, what it is)
 STAGES = (
     ("cobit", "demo_cpu", "cobit", "small CoBit bitstream-diffusion model"),
     ("ar", "demo_ar_cpu", "ar", "same-size autoregressive baseline"),
     ("evaluator", "demo_ar_eval_cpu", "ar_eval", "larger AR model used as the GenPPL evaluator"),
 )
+
+# Families ``--families`` can add: name -> (config, its overrides, what it is).
+FAMILIES = {
+    "bitlm": ("demo_bitlm_cpu", (), "BitLM (block-causal backbone + bitwise diffusion head)"),
+    "bitlm_softmax": ("demo_bitlm_cpu", ("family.head=softmax",),
+                      "BitLM's same-backbone softmax-head control"),
+    "block_cobit": ("demo_block_cobit_cpu", (), "block CoBit (CoBit's SDT block by block)"),
+}
 
 # How many of the embedded fortunes begin. No trailing space: byte-level BPE would encode it as a
 # lone-space token, which the corpus never has before a word (" cat" is one token).
@@ -49,11 +63,28 @@ class DemoPlan:
     num: int
     ar_temperatures: tuple[float, ...]
     prompt: str = DEMO_PROMPT  # the prompted continuation shown after the table
+    families: tuple[str, ...] = ()  # names in FAMILIES, trained and scored after the three stages
+
+    def stages(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(sub-directory, config, overrides, what it is) of every run the demo trains."""
+        return ([(sub, config, self.train_overrides, what) for _, config, sub, what in STAGES]
+                + [(name, FAMILIES[name][0], self.train_overrides + FAMILIES[name][1], FAMILIES[name][2])
+                   for name in self.families])
 
 
 def plan(quick: bool, work_dir: str | None = None, *, seeds: tuple[int, ...] | None = None,
-         num: int | None = None) -> DemoPlan:
+         num: int | None = None, families: tuple[str, ...] = ()) -> DemoPlan:
     """The demo's stages as data: full (minutes on 2 cores) or ``quick`` (a smoke test)."""
+    unknown = [name for name in families if name not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"--families {','.join(unknown)}: not a demo family; choose from "
+                          f"{','.join(FAMILIES)}")
+    return dataclasses.replace(_plan(quick, work_dir, seeds=seeds, num=num),
+                               families=tuple(dict.fromkeys(families)))
+
+
+def _plan(quick: bool, work_dir: str | None, *, seeds: tuple[int, ...] | None,
+          num: int | None) -> DemoPlan:
     if quick:
         return DemoPlan(
             work_dir=Path(work_dir or "runs/demo_quick"),
@@ -76,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=lambda s: tuple(int(v) for v in s.split(",") if v),
                         help="sampling seeds (default 0,1,2; --quick: 0)")
     parser.add_argument("--num", type=int, help="samples per point and seed (default 64; --quick: 8)")
+    parser.add_argument("--families", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
+                        help=f"also train and score these families at the same budget: "
+                             f"{','.join(FAMILIES)} (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -120,13 +154,15 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    total = len(STAGES) + 2
+    stages = p.stages()
+    total = len(stages) + 2
     started = time.perf_counter()
     with PreemptionFlag() as flag:
-        for i, (_, config, sub, what) in enumerate(STAGES, 1):
-            log(f"[{i}/{total}] training the {what} (configs/{config}.py) in {p.work_dir / sub} "
+        for i, (sub, config, overrides, what) in enumerate(stages, 1):
+            extra = "".join(f" {o}" for o in overrides[len(p.train_overrides):])
+            log(f"[{i}/{total}] training the {what} (configs/{config}.py{extra}) in {p.work_dir / sub} "
                 f"[{time.perf_counter() - started:.0f} s]")
-            if not train_stage(config, p.work_dir / sub, p.train_overrides, flag=flag, progress=progress):
+            if not train_stage(config, p.work_dir / sub, overrides, flag=flag, progress=progress):
                 log("stopped by a signal after saving a checkpoint; re-run the same command to continue")
                 return [], flag.signum
         log(f"[{total - 1}/{total}] sampling and scoring ({len(p.seeds)} seeds × {p.num} samples per "
@@ -142,6 +178,10 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
         rows += run_sweep(ar, evaluator, results, seeds=p.seeds, num=p.num,
                           temperatures=p.ar_temperatures, batch_size=p.num, flag=flag,
                           progress=progress, log=log)
+        extras = {name: load_model(str(p.work_dir / name)) for name in p.families}
+        for model in extras.values():  # a sampler-swept family at the headline point, as CoBit's
+            rows += run_sweep(model, evaluator, results, points=p.sampler_points[-1:], seeds=p.seeds,
+                              num=p.num, batch_size=p.num, flag=flag, progress=progress, log=log)
         if flag.requested:
             log("stopped by a signal; scored points are kept, re-run the same command to continue")
             return [], flag.signum
@@ -153,7 +193,7 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
         f"over seeds) [{time.perf_counter() - started:.0f} s]")
     log(format_table(table))
     log(f"table: {p.work_dir / 'eval' / 'table.csv'}   plot: {p.work_dir / 'eval' / 'frontier.png'}")
-    show_prompted(p, {"cobit": cobit, "ar": ar}, log=log)
+    show_prompted(p, {"cobit": cobit, "ar": ar, **extras}, log=log)
     return table, None
 
 
@@ -181,6 +221,6 @@ def show_prompted(p: DemoPlan, models: dict, *, seed: int = 0, log=_say) -> dict
 
 def run(args: argparse.Namespace) -> int:
     """bitgen's own errors propagate to ``bitgen.cli``, which prints them as one line (exit 2)."""
-    p = plan(args.quick, args.work_dir, seeds=args.seeds, num=args.num)
+    p = plan(args.quick, args.work_dir, seeds=args.seeds, num=args.num, families=args.families)
     _, signum = run_demo(p, progress=not args.no_progress)
     return 128 + signum if signum is not None else 0

@@ -24,6 +24,19 @@ def test_plan_compares_pf_ode_with_churn_over_several_seeds():
     assert demo.plan(False, "elsewhere", seeds=(4,), num=5).work_dir.name == "elsewhere"
 
 
+def test_families_train_after_the_three_stages_at_the_same_budget(capsys):
+    p = demo.plan(True, families=("bitlm_softmax", "bitlm", "bitlm_softmax"))
+    stages = p.stages()
+    assert [s[0] for s in stages] == ["cobit", "ar", "ar_eval", "bitlm_softmax", "bitlm"]
+    for sub, config, overrides, _ in stages:  # every run takes the plan's training overrides
+        assert overrides[:len(p.train_overrides)] == p.train_overrides
+    assert stages[3][1:3] == ("demo_bitlm_cpu", p.train_overrides + ("family.head=softmax",))
+    assert demo.plan(False).stages() == demo.plan(False, families=()).stages()
+    assert cli.main(["demo", "--families", "bitlm,gpt5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--families gpt5: not a demo family" in err and "block_cobit" in err and err.count("\n") == 1
+
+
 @pytest.fixture()
 def stand_in_training(tmp_path, monkeypatch):
     """Replace training by writing tiny random-parameter runs with each stage's task."""
@@ -89,6 +102,21 @@ def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_train
 def test_quick_demo_end_to_end(tmp_path):
     assert cli.main(["demo", "--quick", "--work-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
     assert (tmp_path / "demo" / "eval" / "table.csv").is_file()
+
+
+@pytest.mark.slow
+def test_quick_demo_with_the_block_causal_families(tmp_path, capsys):
+    work = tmp_path / "demo"
+    families = ",".join(demo.FAMILIES)
+    assert cli.main(["demo", "--quick", "--work-dir", str(work), "--families", families,
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for name in demo.FAMILIES:
+        (record,) = [json.loads(line) for line in
+                     (work / "eval" / f"prompted_{name}.jsonl").read_text().splitlines()]
+        assert record["text"].startswith("The") and f"  {name}: " in out
+    table = (work / "eval" / "table.csv").read_text()
+    assert "bitlm" in table and "block_cobit" in table
 
 
 def test_a_run_of_an_earlier_demo_version_names_the_fix(tmp_path, monkeypatch):
