@@ -172,7 +172,8 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 
 def describe_point(row: dict[str, Any]) -> str:
-    """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows"."""
+    """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows",
+    or the temperature and ``family`` options of a family that has them ("T=1 guidance=9.0 ...")."""
     if row["model"] == "real data":
         test = (row.get("reference") or "heldout").startswith("test:")
         return "test rows" if test else "held-out rows"
