@@ -51,7 +51,8 @@ def sampling_options(model: LoadedModel, temperature: float | None,
 def sampler_settings_dict(model: LoadedModel, sampler_cfg: SamplerConfig, *, temperature: float,
                           top_p: float) -> dict[str, Any]:
     """What identifies how a sample was drawn (written next to every sample and table row)."""
-    return {**model.family.settings(sampler_cfg, temperature=temperature, top_p=top_p),
+    return {**model.family.settings(sampler_cfg, options=model.cfg.family, temperature=temperature,
+                                    top_p=top_p),
             "step": model.step}
 
 

@@ -44,7 +44,7 @@ class Unigram:
         return [(DecodedText(text.decode_ids(ids), tuple(int(i) for i in ids), 0), "")
                 for ids in np.asarray(out)]
 
-    def settings(self, sampler_cfg, *, temperature, top_p):
+    def settings(self, sampler_cfg, *, options, temperature, top_p):
         return {"task": self.name}
 
     def training_samples(self, cfg, state, rows, key, n):

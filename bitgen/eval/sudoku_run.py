@@ -205,8 +205,8 @@ def evaluate_points(model: LoadedModel, points: list[Point], puzzles: np.ndarray
             predictions = out_dir / f"predictions_{point.name}_seed{seed}.txt"
             write_predictions(predictions, puzzles, codes)
             scores = score(codes, puzzles, solutions)
-            settings = model.family.settings(point.sampler_cfg, temperature=point.temperature,
-                                             top_p=point.top_p)
+            settings = model.family.settings(point.sampler_cfg, options=model.cfg.family,
+                                             temperature=point.temperature, top_p=point.top_p)
             rows.append({"point": point.name, "seed": seed, "n": len(puzzles),
                          "seconds": round(seconds, 2), "settings": settings,
                          "predictions": str(predictions),

@@ -36,9 +36,10 @@ from bitgen.eval.reference import entropy_ids, reference_label, reference_rows
 from bitgen.generation import Sample, generate, sampler_settings_dict, sampling_options, write_samples
 from bitgen.loading import LoadedModel, SampleError
 
-# Fields that identify an operating point (everything except the seed and the measurements).
+# Fields that identify an operating point (everything except the seed and the measurements);
+# ``family``: a family's own sampling options (``Family.settings``), absent for CoBit and AR.
 POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
-              "temperature", "top_p", "step")
+              "temperature", "top_p", "step", "family")
 METRIC_KEYS = ("genppl", "entropy", "n_invalid_mean", "seconds")
 # Bump when how a row is scored changes; rows of another version are scored again, not reused
 # (2: texts scored one at a time, entropy on base ids of second-stage codes, reference labels).
@@ -114,7 +115,10 @@ def _pow2_windows(score: Callable, window: int) -> Callable:
 
 
 def point_key(row: dict[str, Any]) -> tuple:
-    return tuple(json.dumps(row.get(k)) for k in POINT_KEYS)
+    """The row's ``POINT_KEYS`` values as JSON. An unset ``family`` is left out, so rows and sample
+    files of families without one keep the keys they were cached under before it existed."""
+    return tuple(json.dumps(row.get(k), sort_keys=True) for k in POINT_KEYS
+                 if k != "family" or row.get(k) is not None)
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,7 +146,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The aggregated table as CSV (lists and tuples written as JSON)."""
+    """The aggregated table as CSV (lists, tuples and dicts written as JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = (list(POINT_KEYS) + ["reference", "seeds", "n"]
                + [f"{m}_{s}" for m in METRIC_KEYS for s in ("mean", "std")])
@@ -150,7 +154,7 @@ def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in table:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
                              for k, v in row.items() if k in columns})
     return path
 
@@ -168,7 +172,8 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 
 def describe_point(row: dict[str, Any]) -> str:
-    """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows"."""
+    """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows",
+    or the temperature and ``family`` options of a family that has them ("T=1 guidance=9.0 ...")."""
     if row["model"] == "real data":
         test = (row.get("reference") or "heldout").startswith("test:")
         return "test rows" if test else "held-out rows"
@@ -176,6 +181,8 @@ def describe_point(row: dict[str, Any]) -> str:
         return "tokens drawn independently"
     if row["model"] == "ar":
         return f"T={row['temperature']:g} top-p={row['top_p']:g}"
+    if row.get("family") is not None:
+        return " ".join([f"T={row['temperature']:g}", *(f"{k}={v}" for k, v in row["family"].items())])
     churn = f"γ={row['gamma']:g}" if row["gamma"] else "PF-ODE (γ=0)"
     return f"{row['name']} {row['grid']} {churn}{window_label(row)}"
 

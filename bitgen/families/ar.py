@@ -136,7 +136,9 @@ class AR:
         return [(DecodedText(text.decode_ids(ids), tuple(int(i) for i in ids), 0), "")
                 for ids in np.asarray(out)]
 
-    def settings(self, sampler_cfg: Any, *, temperature: float, top_p: float) -> dict[str, Any]:
+    def settings(self, sampler_cfg: Any, *, options: ARSampling, temperature: float,
+                 top_p: float) -> dict[str, Any]:
+        """The section's only options are the defaults of the effective ``temperature``/``top_p``."""
         return {"task": self.name, "temperature": temperature, "top_p": top_p}
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,

@@ -72,8 +72,19 @@ class Family(Protocol):
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
         """Raw draws -> (decoded text, packed bits as hex or "") per row."""
 
-    def settings(self, sampler_cfg: Any, *, temperature: float, top_p: float) -> dict[str, Any]:
-        """What identifies how a sample was drawn (stored beside samples and table rows)."""
+    def settings(self, sampler_cfg: Any, *, options: Any, temperature: float,
+                 top_p: float) -> dict[str, Any]:
+        """What identifies how a sample was drawn: stored beside samples and table rows, and the
+        key under which ``bitgen eval`` reuses cached points (``bitgen.eval.sweep.POINT_KEYS``).
+
+        ``options`` is the family section the model was loaded with (``model.cfg.family``, with
+        any ``family.*`` command-line overrides applied; None for a family without one);
+        ``temperature``/``top_p`` are the effective values (flags, else the section's defaults).
+        Return a JSON-ready dict with ``"task"`` (the family's name) and every setting that changes
+        the draws: the ``sampler.*`` fields a ``sweeps_sampler`` family reads, the effective
+        ``temperature``/``top_p`` where the family uses them, and under ``"family"`` a flat dict
+        of the options of ``options`` that change sampling and are not already given above (leave
+        the key out when there are none, so older results keep their keys)."""
 
     def training_samples(self, cfg: Any, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:

@@ -31,6 +31,10 @@ if TYPE_CHECKING:  # the registry imports this module to read a config: model co
 INVALID_CODE_POLICIES = ("max_correlation", "sign_nearest")
 
 
+# The ``family.*`` options that change how a trained model samples (``BitLM.settings``).
+SAMPLING_OPTIONS = ("head_steps", "guidance", "t_end", "invalid_code_policy", "stop_at_separator")
+
+
 class MissingCodesError(BitgenError, ValueError):
     """A BitLM train batch without the ids' bit codes."""
 
@@ -194,8 +198,12 @@ class BitLM:
                                      int(np.sum(status == 1))), ""))
         return rows
 
-    def settings(self, sampler_cfg: Any, *, temperature: float, top_p: float) -> dict[str, Any]:
-        return {"task": self.name, "temperature": temperature}
+    def settings(self, sampler_cfg: Any, *, options: BitLMOptions, temperature: float,
+                 top_p: float) -> dict[str, Any]:
+        """The effective temperature (softmax control) and the section's ``SAMPLING_OPTIONS``
+        under ``"family"`` (the other options shape the model, fixed by its checkpoint)."""
+        return {"task": self.name, "temperature": temperature,
+                "family": {name: getattr(options, name) for name in SAMPLING_OPTIONS}}
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:

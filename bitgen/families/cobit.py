@@ -123,8 +123,9 @@ class CoBit:
         return [(row, np.packbits(b.astype(np.uint8)).tobytes().hex())
                 for row, b in zip(text.decode_bits(bits), bits)]
 
-    def settings(self, sampler_cfg: SamplerConfig, *, temperature: float = 1.0,
+    def settings(self, sampler_cfg: SamplerConfig, *, options: None = None, temperature: float = 1.0,
                  top_p: float = 1.0) -> dict[str, Any]:
+        """Every ``sampler.*`` field (CoBit has no family section; temperature/top_p do not apply)."""
         return {"task": self.name, **dataclasses.asdict(sampler_cfg)}
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,

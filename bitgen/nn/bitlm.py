@@ -17,7 +17,8 @@ P bits per token, E width, V vocabulary.
 Public API:
   BitLMConfig
   init_bitlm_params(key, cfg) -> params;  param_logical_axes(cfg) -> PartitionSpec tree
-  backbone_states(params, ids [B,T], *, cfg, key=None, train=False) -> states [B,T,E]
+  backbone_states(params, ids [B,T], *, cfg, key=None, train=False, segments=None) -> states [B,T,E]
+  input_segments(segments [B,T], m) -> segment ids of the backbone input [B,T]   (packed rows)
   init_backbone_cache(cfg, batch) -> cache            # T + m positions
   backbone_extend(params, cache, ids [B,C], *, cfg, with_start) -> (states [B,m,E] of the last block, cache)
   head_predict(params, z [N,M,P], t [N], states [N,M,E], drop [N], *, cfg) -> x̂ [N,M,P]
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitgen.nn import ar
+from bitgen.nn import ar, attention
 from bitgen.nn.bit_head import BitHead, BitHeadConfig, flow_x_loss, sample_train_times
 from bitgen.nn.layers import dense, layer_norm, normal_002
 
@@ -74,12 +75,13 @@ class BitLMConfig:
 
 class Backbone(nn.Module):
     """ids [B, C] -> (states [B, C(+m), E] float32, cache). ``with_start`` puts the learned start
-    block before the ids (the first chunk of a row); positions continue the cache's."""
+    block before the ids (the first chunk of a row); positions continue the cache's. ``mask``: an
+    extra attention mask [B, 1, C(+m), C(+m)] ANDed with the block-causal one (packed rows)."""
 
     cfg: BitLMConfig
 
     @nn.compact
-    def __call__(self, ids, *, with_start: bool, cache=None, train: bool = False):
+    def __call__(self, ids, *, with_start: bool, cache=None, train: bool = False, mask=None):
         trunk, m = self.cfg.trunk, self.cfg.block_tokens
         x = nn.Embed(trunk.vocab_size, trunk.embed_dim, name="embed",
                      embedding_init=nn.with_logical_partitioning(normal_002, ("vocab", "embed")))(ids)
@@ -90,7 +92,7 @@ class Backbone(nn.Module):
         new_cache = []
         for i in range(trunk.n_blocks):
             x, layer_cache = ar.DecoderBlock(trunk, block_size=m, name=f"block_{i}")(
-                x, None if cache is None else cache[i], train)
+                x, None if cache is None else cache[i], train, mask)
             new_cache.append(layer_cache)
         return layer_norm(x), None if cache is None else tuple(new_cache)
 
@@ -133,12 +135,28 @@ def param_logical_axes(cfg: BitLMConfig) -> dict:
     return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(jax.random.key(0), cfg)))
 
 
+def input_segments(segments: jax.Array, block_tokens: int) -> jax.Array:
+    """Segment ids [B, T] of the target ids -> those of the backbone's input [B, T]: the start
+    block takes the row's first segment, input position j >= m that of x_{j−m} (the id it holds)."""
+    return jnp.concatenate([jnp.repeat(segments[:, :1], block_tokens, axis=1),
+                            segments[:, :-block_tokens]], axis=1)
+
+
 def backbone_states(params: dict, ids: jax.Array, *, cfg: BitLMConfig, key: jax.Array | None = None,
-                    train: bool = False) -> jax.Array:
-    """ids [B, T] -> states [B, T, E]: position j conditions target x_j (the next-block shift)."""
+                    train: bool = False, segments: jax.Array | None = None) -> jax.Array:
+    """ids [B, T] -> states [B, T, E]: position j conditions target x_j (the next-block shift).
+
+    ``segments`` [B, T] (int, None = one document per row): packed rows. An input position then
+    attends only to positions of its own segment (``input_segments``), so no state mixes
+    documents; a target just after a boundary is conditioned on the previous document's states,
+    as the next token after a boundary is in a segment-masked AR model."""
     rngs = {"dropout": key} if train and key is not None else None
+    mask = None
+    if segments is not None:
+        seg = input_segments(segments, cfg.block_tokens)
+        mask = attention.segment_mask(seg, seg)
     states, _ = Backbone(cfg).apply({"params": params["backbone"]}, ids[:, :-cfg.block_tokens],
-                                    with_start=True, train=train, rngs=rngs)
+                                    with_start=True, train=train, rngs=rngs, mask=mask)
     return states
 
 
