@@ -73,7 +73,13 @@ class _HeadBlock(nn.Module):
         s1, b1, g1, s2, b2, g2 = jnp.split(mod, 6, axis=-1)
         h, _ = Attention(self.n_heads, block_size=None, use_rope=False, name="attn")(_modulate(x, s1, b1))
         x = x + g1 * h
-        return x + g2 * SwiGLU(int(2 * 4 * width / 3), name="mlp")(_modulate(x, s2, b2))
+        return x + g2 * SwiGLU(mlp_hidden(width), name="mlp")(_modulate(x, s2, b2))
+
+
+def mlp_hidden(width: int) -> int:
+    """The SwiGLU hidden size of a head block: 8·C/3 (the usual 4·C at equal parameters) rounded up
+    to a multiple of 64, so it divides over tensor-parallel mesh axes of up to 64 devices."""
+    return -(-(8 * width // 3) // 64) * 64
 
 
 class BitHead(nn.Module):
