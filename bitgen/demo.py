@@ -17,7 +17,8 @@ read back from ``eval/results.jsonl``):
 
 ``--families bitlm,bitlm_softmax,block_cobit`` adds the block-causal families of ``FAMILIES`` at the
 same training budget (their configs take ``demo_cpu``'s data, trunk and optimiser): each is trained in
-``<work>/<name>`` after stage 3, sampled and scored into the same table, and continues the prompt.
+``<work>/<name>`` after stage 3, sampled and scored into the same table (rows and samples cached in
+``<work>/<name>/eval``), and continues the prompt.
 
 ``--quick`` is a smoke version (a few training steps, a handful of samples, Karras grid because
 so short a run has not learned an entropy table yet) in ``runs/demo_quick``.
@@ -179,9 +180,13 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
                           temperatures=p.ar_temperatures, batch_size=p.num, flag=flag,
                           progress=progress, log=log)
         extras = {name: load_model(str(p.work_dir / name)) for name in p.families}
-        for model in extras.values():  # a sampler-swept family at the headline point, as CoBit's
-            rows += run_sweep(model, evaluator, results, points=p.sampler_points[-1:], seeds=p.seeds,
-                              num=p.num, batch_size=p.num, flag=flag, progress=progress, log=log)
+        for name, model in extras.items():
+            # In the run's own eval/ (as `bitgen eval` writes it): runs of one family at the same
+            # settings (BitLM and its softmax control) must not share cached samples or rows. A
+            # sampler-swept family is drawn at the headline point, as CoBit is.
+            rows += run_sweep(model, evaluator, p.work_dir / name / "eval" / "results.jsonl",
+                              points=p.sampler_points[-1:], seeds=p.seeds, num=p.num,
+                              batch_size=p.num, flag=flag, progress=progress, log=log)
         if flag.requested:
             log("stopped by a signal; scored points are kept, re-run the same command to continue")
             return [], flag.signum

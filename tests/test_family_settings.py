@@ -49,8 +49,18 @@ def test_sample_metadata_names_the_guidance_and_head_steps(runs, tmp_path):
                      "--no-progress", "family.guidance=2.5", "family.head_steps=3"]) == 0
     records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     drawn_with = records[0]["settings"]
-    assert drawn_with["task"] == "bitlm" and set(drawn_with["family"]) == set(SAMPLING_OPTIONS)
+    assert drawn_with["task"] == "bitlm" and set(drawn_with["family"]) == {"head", *SAMPLING_OPTIONS}
     assert drawn_with["family"]["guidance"] == 2.5 and drawn_with["family"]["head_steps"] == 3
+
+
+def test_the_softmax_control_is_named_by_its_head_and_temperature_alone():
+    from bitgen.families import get
+
+    bitlm = get("bitlm")
+    softmax = bitlm.settings(None, options=BitLMOptions(head="softmax"), temperature=0.8, top_p=1.0)
+    assert softmax == {"task": "bitlm", "temperature": 0.8, "family": {"head": "softmax"}}
+    diffusion = bitlm.settings(None, options=BitLMOptions(), temperature=1.0, top_p=1.0)
+    assert diffusion["family"]["head"] == "diffusion" and diffusion["family"]["guidance"] == 9.0
 
 
 def test_evals_differing_only_in_a_family_option_do_not_share_cached_points(runs, tmp_path):

@@ -200,10 +200,13 @@ class BitLM:
 
     def settings(self, sampler_cfg: Any, *, options: BitLMOptions, temperature: float,
                  top_p: float) -> dict[str, Any]:
-        """The effective temperature (softmax control) and the section's ``SAMPLING_OPTIONS``
-        under ``"family"`` (the other options shape the model, fixed by its checkpoint)."""
+        """The effective temperature, and under ``"family"`` the head and, for the diffusion head,
+        the section's ``SAMPLING_OPTIONS`` (the softmax control draws at the temperature alone; the
+        other options shape the model, fixed by its checkpoint). The head is named so that the
+        two kinds of run read apart in a table."""
+        used = SAMPLING_OPTIONS if options.head == "diffusion" else ()
         return {"task": self.name, "temperature": temperature,
-                "family": {name: getattr(options, name) for name in SAMPLING_OPTIONS}}
+                "family": {"head": options.head, **{name: getattr(options, name) for name in used}}}
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:
