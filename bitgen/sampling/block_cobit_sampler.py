@@ -80,7 +80,8 @@ def block_cobit_sample(params, key: jax.Array, prompt_bits: jax.Array, known: ja
     ``prefill_blocks``: leading blocks known in every row (they go into the cache in one call).
     """
     m, p = opts.block_tokens, cfg.patch_size
-    batch, seq_tokens = known.shape
+    batch, seq_tokens = prompt_bits.shape[0], known.shape[-1]
+    known = jnp.broadcast_to(known, (batch, seq_tokens))
     n_blocks, block_bits = seq_tokens // m, m * p
     if seq_tokens != cfg.seq_tokens or seq_tokens % m or not 0 <= prefill_blocks < n_blocks:
         raise ValueError(f"rows of {seq_tokens} tokens (need {cfg.seq_tokens}, a multiple of {m}) "
