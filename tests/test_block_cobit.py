@@ -213,7 +213,7 @@ def test_invalid_codes_are_counted_and_mapped_by_the_codec_rule():
 TINY = ["model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n_blocks=1",
         "model.dim_ff=64", "model.content_dim=8", "model.head_hidden=16", "data.batch_size=8",
         "train.steps=4", "train.ckpt_every=2", "train.log_every=1", "train.sample_every=2",
-        "optim.warmup_steps=2", "sampler.batch_size=2", "sampler.nfe=6"]
+        "optim.warmup_steps=2", "sampler.batch_size=2", "sampler.nfe=6", "sampler.grid=karras"]
 
 
 @pytest.mark.slow  # trains, samples with a prompt and refuses an infill through the CLI
