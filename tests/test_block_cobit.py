@@ -235,3 +235,17 @@ def test_a_block_cobit_run_trains_and_continues_a_prompt(tmp_path):
     assert len(records) == 2 and all(r["text"].startswith("fortune number") for r in records)
     assert cli.main(["sample", "--run-dir", str(tmp_path / "run"), "--num", "1", "--infill",
                      "fortune[GAP:2] cat", "--out", str(tmp_path / "i.txt"), "--no-progress"]) == 2
+
+
+def test_the_family_section_round_trips_and_refuses_blocks_that_do_not_tile_the_row():
+    from bitgen.config import ConfigError, from_dict, load_config, to_dict
+    from bitgen.families.block_cobit import FAMILY, BlockCoBitOptions
+
+    cfg = load_config("demo_block_cobit_cpu", ["family.clean_sigma=0.01"])
+    assert cfg.family == BlockCoBitOptions(block_tokens=4, clean_sigma=0.01)
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    with pytest.raises(ConfigError, match="multiple of family.block_tokens=3"):
+        FAMILY.task(load_config("demo_block_cobit_cpu", ["family.block_tokens=3"]))
+    with pytest.raises(ConfigError, match="block_tokens"):
+        load_config("demo_block_cobit_cpu", ["family.block_tokens=0"])
+    assert FAMILY.settings(SamplerConfig(), family_options=cfg.family)["family.clean_sigma"] == 0.01
