@@ -99,6 +99,34 @@ def test_one_block_of_t_tokens_trains_on_cobits_loss():
     np.testing.assert_array_equal(np.asarray(aux["mse_per_block"][:, 0]), np.asarray(cobit_aux["mse_per_sample"]))
 
 
+def test_one_block_of_t_tokens_samples_as_cobit():
+    """m = T through the sampler: its denoiser (the block SDT against an empty cache) gives CoBit's
+    logits bit for bit, so the block loop is CoBit's ``integrate`` on the whole row with the same
+    noise (``fold_in(key, 0)``), grid, churn and clamped prompt: the same ids."""
+    from bitgen.diffusion.cond import Cond
+    from bitgen.diffusion.denoiser import denoise
+    from bitgen.sampling import integrate, sdt_denoiser
+    from bitgen.sampling.steps import initial_state
+
+    sigma = jnp.asarray([0.05, 0.8, 6.0])
+    x = _noisy(sigma[:, None], T)
+    cached = jax.jit(lambda: block_denoiser(block_sdt.init_block_cache(CFG, B), cfg=CFG,
+                                            block_tokens=T)(PARAMS, x, sigma, X0))()
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(jax.jit(lambda: denoise(PARAMS, x, sigma, X0, cfg=CFG))()))
+
+    opts, grid = _sampling(T)
+    known = jnp.broadcast_to(jnp.arange(T)[None] < 3, (B, T))
+    key = jax.random.key(11)
+    ours = np.asarray(block_cobit_sample(PARAMS, key, PROMPT_BITS, known, grid, cfg=CFG, opts=opts,
+                                         codec=CODEC, prefill_blocks=0))
+    k_init, k_churn = jax.random.split(jax.random.fold_in(key, 0))
+    x_init = initial_state(jax.random.normal(k_init, (B, CFG.seq_bits)), grid[0])
+    cond = Cond.clamped(jnp.repeat(known, P, axis=1), PROMPT_BITS)
+    cobit = jax.jit(lambda: integrate(PARAMS, x_init, grid, opts.settings, sdt_denoiser(CFG), cond=cond,
+                                      key_churn=k_churn))()
+    np.testing.assert_array_equal(ours[:, 0], np.asarray(CODEC.decode(np.asarray(cobit.bits)).ids))
+
+
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_cached_logits_equal_a_full_recompute_at_every_block(m):
     """Tolerance 1e-6 (the issue's bound), at weights of scale 0.05: every residual branch adds
