@@ -18,6 +18,7 @@ _MODULES = {
     "cobit": "bitgen.families.cobit",  # CoBit bitstream diffusion over P-bit token codes
     "ar": "bitgen.families.ar",  # autoregressive softmax baseline over token ids
     "bitlm": "bitgen.families.bitlm",  # block-causal backbone + bitwise diffusion head (BitLM)
+    "block_cobit": "bitgen.families.block_cobit",  # CoBit's SDT and sampler block by block
 }
 
 

@@ -185,11 +185,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, cache: KVCache | None = None, mask: Array | None = None,
+                 positions: Array | None = None,
                  train: bool = False) -> tuple[Array, KVCache | None]:
         """x [B, C, E] at positions p0..p0+C-1 (p0 = cache.length, or 0 without a cache).
 
         mask: extra bool mask broadcastable to [B, 1, C, Tk] (Tk = C, or T_max with a cache),
         ANDed with the structural one (e.g. ``segment_mask`` for packed rows).
+        positions: int [C], the chunk's own positions instead of p0..p0+C-1 (without a cache
+        only; e.g. two copies of one row side by side, each at the row's positions).
         Returns (y [B, C, E], the cache with this chunk written, or None).
         """
         batch, chunk, width = x.shape
@@ -197,8 +200,10 @@ class Attention(nn.Module):
         qkv = dense(3 * width, ("embed", "heads"), name=self.qkv_name, dtype=self.dtype,
                     use_bias=self.use_bias)(x)
         q, k, v = (t.reshape(batch, chunk, self.n_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        if positions is not None and cache is not None:
+            raise ValueError("positions= is for a chunk without a cache (a cache sets them)")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-        q_pos = start + jnp.arange(chunk)
+        q_pos = start + jnp.arange(chunk) if positions is None else jnp.asarray(positions)
         if self.use_rope:
             q = apply_rope(q, q_pos, self.rope_base)
             k = apply_rope(k, q_pos, self.rope_base)
