@@ -276,4 +276,4 @@ def test_the_family_section_round_trips_and_refuses_blocks_that_do_not_tile_the_
         FAMILY.task(load_config("demo_block_cobit_cpu", ["family.block_tokens=3"]))
     with pytest.raises(ConfigError, match="block_tokens"):
         load_config("demo_block_cobit_cpu", ["family.block_tokens=0"])
-    assert FAMILY.settings(SamplerConfig(), family_options=cfg.family)["family.clean_sigma"] == 0.01
+    assert FAMILY.settings(SamplerConfig(), options=cfg.family)["family"]["clean_sigma"] == 0.01

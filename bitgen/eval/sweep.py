@@ -173,7 +173,8 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 def describe_point(row: dict[str, Any]) -> str:
     """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows",
-    or the temperature and ``family`` options of a family that has them ("T=1 guidance=9.0 ...")."""
+    with the ``family`` options of a family that has them after the sampler or the temperature
+    ("T=1 head=diffusion guidance=9.0 ...", "ddim entropic γ=0.2 block_tokens=4 ...")."""
     if row["model"] == "real data":
         test = (row.get("reference") or "heldout").startswith("test:")
         return "test rows" if test else "held-out rows"
@@ -181,10 +182,11 @@ def describe_point(row: dict[str, Any]) -> str:
         return "tokens drawn independently"
     if row["model"] == "ar":
         return f"T={row['temperature']:g} top-p={row['top_p']:g}"
-    if row.get("family") is not None:
-        return " ".join([f"T={row['temperature']:g}", *(f"{k}={v}" for k, v in row["family"].items())])
+    family = [f"{k}={v}" for k, v in (row.get("family") or {}).items()]
+    if row.get("name") is None:  # a family drawn at a temperature (BitLM)
+        return " ".join([f"T={row['temperature']:g}", *family])
     churn = f"γ={row['gamma']:g}" if row["gamma"] else "PF-ODE (γ=0)"
-    return f"{row['name']} {row['grid']} {churn}{window_label(row)}"
+    return " ".join([f"{row['name']} {row['grid']} {churn}{window_label(row)}", *family])
 
 
 def window_label(row: dict[str, Any]) -> str:

@@ -170,13 +170,12 @@ class BlockCoBit:
                                      int(np.sum(status == 1))), ""))
         return rows
 
-    def settings(self, sampler_cfg: SamplerConfig, *, temperature: float = 1.0, top_p: float = 1.0,
-                 family_options: BlockCoBitOptions | None = None) -> dict[str, Any]:
-        """The sampler's settings, and the family section's when given (block size, clean σ and
+    def settings(self, sampler_cfg: SamplerConfig, *, options: BlockCoBitOptions,
+                 temperature: float = 1.0, top_p: float = 1.0) -> dict[str, Any]:
+        """The sampler's settings and, under ``"family"``, the section's (block size, clean σ and
         the early stop change samples too)."""
-        family = {} if family_options is None else {f"family.{k}": v for k, v in
-                                                    dataclasses.asdict(family_options).items()}
-        return {"task": self.name, **dataclasses.asdict(sampler_cfg), **family}
+        return {"task": self.name, **dataclasses.asdict(sampler_cfg),
+                "family": dataclasses.asdict(options)}
 
     def training_samples(self, cfg: ExperimentConfig, state: Any, rows: Any, key: jax.Array,
                          n: int) -> tuple[np.ndarray, str]:
