@@ -10,6 +10,7 @@ import argparse
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,6 +94,60 @@ def test_bitlm_cost_by_hand(label, branches):
     assert (cost.head_passes, cost.head_tokens) == (head_passes, 4) == (32 * branches, 4)
     assert (cost.given_tokens, cost.generated_tokens) == (1, 7)
     assert cost.flops == backbone + head_passes * head_call
+
+
+def jaxpr_dot_flops(jaxpr) -> int:
+    """2 · (contracted size) · (output size) summed over every ``dot_general`` of a jaxpr and the
+    jaxprs nested in it (jit, scan, custom_jvp ...): the matmul FLOPs a program executes."""
+    from jax.extend import core
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod([lhs[d] for d in contract])) * int(np.prod(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, core.ClosedJaxpr):
+                    total += jaxpr_dot_flops(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    total += jaxpr_dot_flops(sub)
+    return total
+
+
+def test_pass_flops_are_the_matmuls_the_programs_run():
+    # The per-pass FLOPs of the cost model against the dot_generals of the real calls. A cached
+    # call executes attention over the whole cache buffer (masked), so here the keys are the
+    # buffer's length, not the visible prefix the cost model counts.
+    from bitgen.bench.flops import (
+        ar_token_flops,
+        attention_flops,
+        bit_head_call_flops,
+        bitlm_backbone_token_flops,
+    )
+    from bitgen.families.ar import ar_config
+    from bitgen.families.bitlm import bitlm_config
+    from bitgen.nn import ar, bitlm
+
+    model = bitlm_config(generator_config(generator("bitlm_w1"), TINY, "float32"), V)
+    params = jax.eval_shape(lambda: bitlm.init_bitlm_params(jax.random.key(0), model))
+    z, t, states = jnp.zeros((1, 4, P)), jnp.zeros((1,)), jnp.zeros((1, 4, E))
+    head = jax.make_jaxpr(lambda p: bitlm.head_predict(p, z, t, states, jnp.zeros((1,), bool),
+                                                      cfg=model))(params)
+    assert jaxpr_dot_flops(head.jaxpr) == bit_head_call_flops(model)
+    cache = bitlm.init_backbone_cache(model, 1)  # T + m = 12 slots
+    extend = jax.make_jaxpr(lambda p, c: bitlm.backbone_extend(
+        p, c, jnp.zeros((1, 4), jnp.int32), cfg=model, with_start=False))(params, cache)
+    assert jaxpr_dot_flops(extend.jaxpr) == 4 * bitlm_backbone_token_flops(model) + attention_flops(
+        layers=1, width=E, queries=4, keys=T + 4)
+
+    trunk = ar_config(generator_config(generator("ar"), TINY, "float32"), V)
+    ar_params = jax.eval_shape(lambda: ar.init_ar_params(jax.random.key(0), trunk))
+    step = jax.make_jaxpr(lambda p, c: ar.ar_decode_step(p, c, jnp.zeros((1, 1), jnp.int32), cfg=trunk))(
+        ar_params, ar.init_kv_cache(trunk, 1, T))
+    assert jaxpr_dot_flops(step.jaxpr) == ar_token_flops(trunk) + attention_flops(
+        layers=1, width=E, queries=1, keys=T)
 
 
 def test_every_registered_generator_makes_full_rows_through_its_family():
@@ -179,3 +234,17 @@ def test_json_report_holds_the_generation_section(tmp_path):
         assert len(row["times_s"]) == 1 and row["min_s"] <= row["median_s"] <= row["max_s"]
     table = format_table(report)
     assert "generation: size custom" in table and "| bitlm_w1 | 2 |" in table
+
+
+def test_the_cli_writes_the_section(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = _parser().parse_args([
+        "--generation", "--gen-families", "ar", "--gen-batches", "1", "--gen-repeats", "1",
+        "--train", "--sampler", "--heads", "--matmul-size", "64", "--matmul-chain", "1",
+        "--matmul-repeats", "1", "--out", str(out)])
+    assert cli.run(args) == 0
+    section = json.loads(out.read_text())["generation"]
+    assert section["size"] == "demo" and section["vocab_size"] == 8192
+    assert [(r["generator"], r["batch"], r["cost"]["generated_tokens"]) for r in section["rows"]] == [
+        ("ar", 1, 31)]
+    assert "| ar | 1 |" in capsys.readouterr().out
