@@ -66,8 +66,9 @@ def test_cobit_cost_by_hand():
     cost = cost_of("cobit")
     assert (cost.backbone_passes, cost.backbone_tokens, cost.head_passes) == (255, 8, 0)
     assert (cost.given_tokens, cost.generated_tokens) == (0, 8)
-    # The SDT forward itself is hand-checked in tests/test_bench.py.
+    # The SDT forward itself is hand-checked in tests/test_bench.py (and its dense part here).
     assert cost.flops == 255 * forward_flops(cfg.model)["total"]
+    assert forward_flops(cfg.model)["dense"] == sdt_chunk_by_hand(T, head=True)
     # ... and the sampler the family builds counts the same calls.
     draw = build_sampler(cfg.model, cfg.sampler, load_entropy_table("lm1b"), cfg.model.seq_bits)
     assert draw.settings.nfe == 255
@@ -94,6 +95,41 @@ def test_bitlm_cost_by_hand(label, branches):
     assert (cost.head_passes, cost.head_tokens) == (head_passes, 4) == (32 * branches, 4)
     assert (cost.given_tokens, cost.generated_tokens) == (1, 7)
     assert cost.flops == backbone + head_passes * head_call
+
+
+def sdt_chunk_by_hand(tokens: int, *, head: bool) -> int:
+    """Dense FLOPs of the SDT's kernels over ``tokens`` tokens with one σ level (the hand count of
+    tests/test_bench.py at T = tokens): per token the patch projection and the trunk blocks (+ the
+    un-patch projection and the head's patch adapter), per bit the shared Linear(1→C') on two
+    channels (+ the head's input adapter and mixer), per level the σ embedding and the adaLNs
+    (+ the head's time projection and adaLN)."""
+    cfg = generator_config(generator("cobit"), TINY, "float32").model
+    e, c, h, ff = cfg.embed_dim, cfg.content_dim, cfg.head_hidden, int(2 * cfg.dim_ff / 3)
+    patch_in = P * (2 * c + 2 * cfg.n_fourier_global + 2 * cfg.n_fourier_local + 1)
+    per_token = patch_in * e + cfg.n_blocks * (4 * e * e + 3 * e * ff)
+    per_bit = 2 * c
+    per_level = 2 * e * e + cfg.n_blocks * 2 * 3 * e * e
+    if head:
+        per_token += e * P * c + e * P * h
+        per_bit += 3 * c * h + h * h + h
+        per_level += e * h + 3 * h * h
+    return 2 * (tokens * per_token + tokens * P * per_bit + per_level)
+
+
+def test_block_cobit_cost_by_hand():
+    from bitgen import families
+
+    if "block_cobit" not in families.names():
+        pytest.skip("task=block_cobit is not registered in this build")
+    # m = 4, T = 8: the separator does not fill a block (⌊1/4⌋ = 0), so both blocks are denoised:
+    # 255 block-SDT passes of 4 tokens each (256 NFE) + 1 clean append = 512 passes; block j's
+    # 4 queries see (j + 1)·4 keys.
+    step, append = sdt_chunk_by_hand(4, head=True), sdt_chunk_by_hand(4, head=False)
+    attention = [4 * 4 * (j + 1) * 4 * E for j in range(2)]  # one trunk block
+    cost = cost_of("block_cobit")
+    assert (cost.backbone_passes, cost.backbone_tokens, cost.head_passes) == (512, 4, 0)
+    assert (cost.given_tokens, cost.generated_tokens) == (1, 7)
+    assert cost.flops == sum(255 * (step + a) + append + a for a in attention)
 
 
 def jaxpr_dot_flops(jaxpr) -> int:
@@ -148,6 +184,28 @@ def test_pass_flops_are_the_matmuls_the_programs_run():
         ar_params, ar.init_kv_cache(trunk, 1, T))
     assert jaxpr_dot_flops(step.jaxpr) == ar_token_flops(trunk) + attention_flops(
         layers=1, width=E, queries=1, keys=T)
+
+
+def test_block_sdt_pass_flops_are_the_matmuls_it_runs():
+    from bitgen import families
+
+    if "block_cobit" not in families.names():
+        pytest.skip("task=block_cobit is not registered in this build")
+    from bitgen.bench.flops import attention_flops, sdt_chunk_dense_flops
+    from bitgen.diffusion.denoiser import init_params
+    from bitgen.nn.block_sdt import append_clean, block_residual, init_block_cache
+
+    cfg = generator_config(generator("block_cobit"), TINY, "float32").model
+    params = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+    cache = init_block_cache(cfg, 1)  # T slots: executed attention is over all of them
+    bits = jnp.zeros((1, 4 * P))
+    step = jax.make_jaxpr(lambda p, c: block_residual(p, c, bits, jnp.ones((1,)), bits, cfg=cfg,
+                                                      block_tokens=4))(params, cache)
+    append = jax.make_jaxpr(lambda p, c: append_clean(p, c, bits, cfg=cfg, block_tokens=4,
+                                                      clean_sigma=0.002))(params, cache)
+    attention = attention_flops(layers=1, width=E, queries=4, keys=T)
+    assert jaxpr_dot_flops(step.jaxpr) == sdt_chunk_dense_flops(cfg, 4) + attention
+    assert jaxpr_dot_flops(append.jaxpr) == sdt_chunk_dense_flops(cfg, 4, head=False) + attention
 
 
 def test_every_registered_generator_makes_full_rows_through_its_family():

@@ -9,6 +9,7 @@ editing this module; only the rows-per-kernel rule is written here, per model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,19 @@ def dense_layers(cfg: ModelConfig) -> list[tuple[int, int, int]]:
 
     return [(fan_in, fan_out, _kernel_rows(path, cfg))
             for path, fan_in, fan_out in kernels(param_shapes(cfg))]
+
+
+def sdt_chunk_dense_flops(cfg: ModelConfig, tokens: int, *, head: bool = True) -> float:
+    """Dense FLOPs of the SDT's kernels over a chunk of ``tokens`` tokens with one σ level (the
+    block SDT's pass over one block; ``forward_flops``' dense part when tokens = T).
+    ``head=False``: the trunk only, without the un-patch projection and the per-bit head (a
+    clean block written to a KV cache)."""
+    from bitgen.diffusion.denoiser import param_shapes
+
+    chunk = dataclasses.replace(cfg, seq_tokens=tokens)
+    return sum(2.0 * fan_in * fan_out * _kernel_rows(path, chunk)
+               for path, fan_in, fan_out in kernels(param_shapes(chunk))
+               if head or not (path[0] == "head" or path[-2] == "unpatch_proj_content"))
 
 
 def forward_flops(cfg: ModelConfig) -> dict[str, float]:

@@ -14,6 +14,11 @@ and how many separate head passes of how many tokens the sampler runs, and their
   queries seeing the (j + 1)·m keys of blocks 0..j. That is n + 1 backbone passes: spec §A.6's T/m
   plus the start block (the last block's append is computed but not read). The row starts from the
   separator (clamped in the first block), so T − 1 tokens are generated.
+- Block CoBit (``bitgen.sampling.block_cobit_sampler``): the row starts from the separator; the
+  ⌊1/m⌋ blocks it fills are prefilled as clean context (one trunk pass), then each remaining block
+  takes ``model_calls`` block-SDT passes over its m tokens (trunk + per-bit head) and one trunk
+  pass appending its decoded codes to the cache; block j's queries see the (j + 1)·m keys of
+  blocks 0..j.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from bitgen.bench.flops import (
     bit_head_call_flops,
     bitlm_backbone_token_flops,
     forward_flops,
+    sdt_chunk_dense_flops,
 )
 
 if TYPE_CHECKING:
@@ -72,12 +78,17 @@ def ar_cost(cfg: ExperimentConfig, vocab_size: int) -> GenerationCost:
                           flops=(t - 1) * ar_token_flops(model_cfg) + attention)
 
 
-def cobit_cost(cfg: ExperimentConfig, vocab_size: int) -> GenerationCost:
-    """``model_calls`` full SDT passes over T tokens (unguided: no prompt)."""
+def _sampler_calls(cfg: ExperimentConfig) -> int:
+    """Network calls of one unguided run of ``cfg.sampler`` (255 at 256 NFE, DDIM + SC carry)."""
     from bitgen.sampling import model_calls, nfe_to_grid_points
 
     s = cfg.sampler
-    calls = model_calls(nfe_to_grid_points(s.nfe, s.name, s.sc_mode), s.name, s.sc_mode)
+    return model_calls(nfe_to_grid_points(s.nfe, s.name, s.sc_mode), s.name, s.sc_mode)
+
+
+def cobit_cost(cfg: ExperimentConfig, vocab_size: int) -> GenerationCost:
+    """``model_calls`` full SDT passes over T tokens (unguided: no prompt)."""
+    calls = _sampler_calls(cfg)
     t = cfg.model.seq_tokens
     return GenerationCost(seq_tokens=t, given_tokens=0, backbone_passes=calls, backbone_tokens=t,
                           head_passes=0, head_tokens=0, flops=calls * forward_flops(cfg.model)["total"])
@@ -100,3 +111,24 @@ def bitlm_cost(cfg: ExperimentConfig, vocab_size: int) -> GenerationCost:
     return GenerationCost(seq_tokens=trunk.seq_len, given_tokens=1, backbone_passes=passes,
                           backbone_tokens=m, head_passes=head_passes, head_tokens=m,
                           flops=backbone + head_passes * bit_head_call_flops(model_cfg))
+
+
+def block_cobit_cost(cfg: ExperimentConfig, vocab_size: int) -> GenerationCost:
+    """Per denoised block: ``model_calls`` block-SDT passes of m tokens + one clean append."""
+    model, m = cfg.model, cfg.family.block_tokens
+    t, calls = model.seq_tokens, _sampler_calls(cfg)
+    prefill = 1 // m  # blocks the separator fills (m = 1: the separator is a whole block)
+
+    def attention(block: int) -> float:  # m queries of block j over the keys of blocks 0..j
+        return attention_flops(layers=model.n_blocks, width=model.embed_dim, queries=m,
+                               keys=(block + 1) * m)
+
+    denoised = range(prefill, t // m)
+    step = sdt_chunk_dense_flops(model, m)
+    append = sdt_chunk_dense_flops(model, m, head=False)
+    flops = sum(calls * (step + attention(j)) + append + attention(j) for j in denoised)
+    if prefill:
+        flops += prefill * append + sum(attention(j) for j in range(prefill))
+    passes = len(denoised) * (calls + 1) + prefill
+    return GenerationCost(seq_tokens=t, given_tokens=1, backbone_passes=passes, backbone_tokens=m,
+                          head_passes=0, head_tokens=0, flops=flops)

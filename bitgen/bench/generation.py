@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from bitgen.bench.gen_cost import GenerationCost, ar_cost, bitlm_cost, cobit_cost
+from bitgen.bench.gen_cost import GenerationCost, ar_cost, bitlm_cost, block_cobit_cost, cobit_cost
 from bitgen.bench.timing import Program, Timing, time_interleaved
 
 
@@ -44,6 +44,9 @@ GENERATORS: tuple[Generator, ...] = (
     Generator("cobit", "cobit", ("sampler.nfe=256",), cobit_cost),  # LM1B headline sampler
     Generator("bitlm_w9", "bitlm", (*_BITLM, "family.guidance=9.0"), bitlm_cost),  # spec CFG
     Generator("bitlm_w1", "bitlm", (*_BITLM, "family.guidance=1.0"), bitlm_cost),  # no guidance
+    Generator("block_cobit", "block_cobit",  # CoBit's 256-NFE sampler per block of m = 4
+              ("family.block_tokens=4", "family.stop_at_separator=false", "sampler.nfe=256"),
+              block_cobit_cost),
 )
 
 
