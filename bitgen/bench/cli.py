@@ -8,12 +8,12 @@ from pathlib import Path
 
 import jax
 
-from bitgen.errors import BitgenError
 from bitgen.bench.generation import GEN_SIZES, GENERATORS, registered
 from bitgen.bench.heads import DEFAULT_HEAD_CHUNK_TOKENS, DEFAULT_HEADS
 from bitgen.bench.programs import TRUNKS
 from bitgen.bench.report import format_table, run_bench
 from bitgen.bench.timing import default_dtype
+from bitgen.errors import BitgenError
 
 
 def _trunk_batch(spec: str) -> tuple[str, int]:
@@ -93,17 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-time-budget", type=float, default=30.0,
                         help="skip timing a head when its estimated run time exceeds this (s)")
     parser.add_argument("--generation", action="store_true",
-                        help="add the generation section: generated tokens/s of AR, CoBit and BitLM "
-                             "at equal backbone size (off by default; ~10 min at the defaults on "
-                             "2 CPU cores)")
+                        help="add the generation section: generated tokens/s of every generator of "
+                             "bitgen.bench.generation.GENERATORS at one backbone size (off by "
+                             "default: minutes on 2 CPU cores, see docs/benchmarks.md)")
     parser.add_argument("--gen-size", choices=sorted(GEN_SIZES), default=None,
                         help="shared backbone size of the generation section (default: demo, "
                              "demo_cpu's trunk: E=128, 2 blocks, T=32, V=8192)")
     parser.add_argument("--gen-batches", type=_batches, default=None,
                         help="batch sizes of the generation section (default: 1,64)")
     parser.add_argument("--gen-families", type=_generators, default=None,
-                        help="comma-separated generators or families to time (default: all "
-                             "registered: " + ",".join(g.label for g in GENERATORS) + ")")
+                        help="comma-separated generators or families to time (default: every "
+                             "registered one of " + ",".join(g.label for g in GENERATORS) + ")")
     parser.add_argument("--gen-repeats", type=int, default=None,
                         help="timed rounds per batch after one warm-up round (default: 3)")
 
