@@ -1,11 +1,43 @@
-"""The analytic FLOP model: matmul FLOPs (2 per MAC) of the SDT forward, a train step and the
-head comparison's heads. Elementwise work is not counted (the usual MFU convention)."""
+"""The analytic FLOP model: matmul FLOPs (2 per MAC) of the SDT forward, a train step, the
+head comparison's heads, and the passes of the generation benchmark (AR decode step, BitLM
+backbone and diffusion head). Elementwise work is not counted (the usual MFU convention).
+
+Dense FLOPs are read off the parameter shapes (every ``kernel`` leaf [fan_in, fan_out] costs
+2·fan_in·fan_out per row it is applied to), so a layer added to a model is counted without
+editing this module; only the rows-per-kernel rule is written here, per model.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from bitgen.config import ModelConfig
+
+if TYPE_CHECKING:
+    from bitgen.nn.ar import ARConfig
+    from bitgen.nn.bitlm import BitLMConfig
+
+
+def kernels(shapes: Any) -> list[tuple[tuple[str, ...], int, int]]:
+    """``(path, fan_in, fan_out)`` of every Dense kernel in a parameter (shape) pytree."""
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    out = []
+    for key_path, leaf in flat:
+        path = tuple(k.key for k in key_path)
+        if path[-1] == "kernel":
+            fan_in, fan_out = leaf.shape
+            out.append((path, fan_in, fan_out))
+    return out
+
+
+def kernel_flops(shapes: Any, rows: Callable[[tuple[str, ...]], int]) -> float:
+    """Σ over Dense kernels of 2·fan_in·fan_out·rows(path)."""
+    return sum(2.0 * fan_in * fan_out * rows(path) for path, fan_in, fan_out in kernels(shapes))
 
 
 def _kernel_rows(path: tuple[str, ...], cfg: ModelConfig) -> int:
@@ -29,9 +61,21 @@ def dense_layers(cfg: ModelConfig) -> list[tuple[int, int, int]]:
     """``(fan_in, fan_out, rows per sequence)`` of every Dense kernel of the SDT."""
     from bitgen.diffusion.denoiser import param_shapes
 
-    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
-    paths = ((tuple(k.key for k in key_path), leaf) for key_path, leaf in flat)
-    return [(*leaf.shape, _kernel_rows(path, cfg)) for path, leaf in paths if path[-1] == "kernel"]
+    return [(fan_in, fan_out, _kernel_rows(path, cfg))
+            for path, fan_in, fan_out in kernels(param_shapes(cfg))]
+
+
+def sdt_chunk_dense_flops(cfg: ModelConfig, tokens: int, *, head: bool = True) -> float:
+    """Dense FLOPs of the SDT's kernels over a chunk of ``tokens`` tokens with one σ level (the
+    block SDT's pass over one block; ``forward_flops``' dense part when tokens = T).
+    ``head=False``: the trunk only, without the un-patch projection and the per-bit head (a
+    clean block written to a KV cache)."""
+    from bitgen.diffusion.denoiser import param_shapes
+
+    chunk = dataclasses.replace(cfg, seq_tokens=tokens)
+    return sum(2.0 * fan_in * fan_out * _kernel_rows(path, chunk)
+               for path, fan_in, fan_out in kernels(param_shapes(chunk))
+               if head or not (path[0] == "head" or path[-2] == "unpatch_proj_content"))
 
 
 def forward_flops(cfg: ModelConfig) -> dict[str, float]:
@@ -80,3 +124,51 @@ def head_flops(cfg: ModelConfig, vocab: int, batch: int) -> dict[str, float]:
     return {"bit": 3.0 * batch * bit_per_seq, "bit_unchunked": 3.0 * batch * bit_per_seq,
             "token": 3.0 * batch * 2 * t * e * vocab}
 
+
+
+# ----------------------------------------------------------------------------- generation passes
+
+
+def attention_flops(*, layers: int, width: int, queries: int, keys: int) -> float:
+    """QKᵀ and PV of ``queries`` queries over ``keys`` visible keys: 2·2·queries·keys·E per layer.
+
+    Model FLOPs count the keys a query may see (its causal / block-causal prefix); the cached
+    programs attend over the whole cache buffer and mask the rest, which is executed but not
+    model work.
+    """
+    return layers * 4.0 * queries * keys * width
+
+
+@functools.lru_cache(maxsize=None)
+def ar_token_flops(cfg: ARConfig) -> float:
+    """Dense FLOPs of one token through the AR transformer (every block's kernels and the LM
+    head act once per token; the embedding is a lookup, 0 FLOPs). Attention not included."""
+    from bitgen.nn.ar import init_ar_params
+
+    shapes = jax.eval_shape(functools.partial(init_ar_params, cfg=cfg), jax.random.key(0))
+    return kernel_flops(shapes, lambda path: 1)
+
+
+@functools.lru_cache(maxsize=None)
+def bitlm_backbone_token_flops(cfg: BitLMConfig) -> float:
+    """Dense FLOPs of one position through BitLM's backbone (its kernels act once per position;
+    embedding and start block are lookups). Attention not included."""
+    return kernel_flops(_bitlm_shapes(cfg)["backbone"], lambda path: 1)
+
+
+@functools.lru_cache(maxsize=None)
+def bit_head_call_flops(cfg: BitLMConfig) -> float:
+    """FLOPs of one call of BitLM's diffusion head on one block (one CFG branch): the time
+    embedding (``time_in``, ``time_out``) acts once per block, every other kernel once per slot
+    (m rows: the condition, bit input, adaLN, attention, SwiGLU, output), plus the head's
+    bidirectional attention of the m slots (m queries × m keys per head block)."""
+    m, width = cfg.block_tokens, cfg.head.width
+    dense_flops = kernel_flops(_bitlm_shapes(cfg)["head"],
+                               lambda path: 1 if path[0].startswith("time_") else m)
+    return dense_flops + attention_flops(layers=cfg.head.depth, width=width, queries=m, keys=m)
+
+
+def _bitlm_shapes(cfg: BitLMConfig) -> dict:
+    from bitgen.nn.bitlm import init_bitlm_params
+
+    return jax.eval_shape(functools.partial(init_bitlm_params, cfg=cfg), jax.random.key(0))

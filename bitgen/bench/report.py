@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bitgen.bench.generation import bench_generation
 from bitgen.bench.heads import DEFAULT_HEAD_CHUNK_TOKENS, bench_heads
 from bitgen.bench.programs import bench_sampler, bench_train_step, trunk_config
 from bitgen.bench.timing import backend_info, load_average, matmul_limit
@@ -21,11 +22,13 @@ def run_bench(*, dtype: str, matmul_size: int, matmul_chain: int, matmul_repeats
               heads: Sequence[tuple[int, int]], head_trunk: str, head_batch: int,
               head_repeats: int, head_time_budget_s: float,
               head_chunk_tokens: int = DEFAULT_HEAD_CHUNK_TOKENS, seq_tokens: int = 128,
-              patch_size: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
+              patch_size: int = 15, generation: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every requested measurement in this process and return the report dict.
 
     Train and sampler runs use T=``seq_tokens`` tokens of P=``patch_size`` bits; the head
-    comparison sets T and P from each (T, V).
+    comparison sets T and P from each (T, V). ``generation``: keyword arguments of
+    ``bench_generation`` (size, batches, labels, repeats), or None to skip that section.
     """
     trunk = functools.partial(trunk_config, dtype=dtype, seq_tokens=seq_tokens, patch_size=patch_size)
     report: dict[str, Any] = {"machine": backend_info(), "load_average_before": load_average(),
@@ -62,6 +65,8 @@ def run_bench(*, dtype: str, matmul_size: int, matmul_chain: int, matmul_repeats
         log("heads: " + ", ".join(f"V={r['vocab']} ratio {r['memory_ratio']:.4f} "
                                   f"(unchunked {r['unchunked_memory_ratio']:.4f})"
                                   for r in report["heads"]))
+    if generation is not None:
+        report["generation"] = bench_generation(**generation, dtype=dtype, peak_flops=peak, log=log)
     report["matmul_limit_flops_per_s"] = peak
     report["load_average_after"] = load_average()
     report["targets"] = targets(report)
@@ -144,9 +149,31 @@ def format_table(report: dict[str, Any]) -> str:
               f"{r['unchunked_memory_ratio']:.2%}", _ms(r["bit"]["time"]),
               _ms(r.get("bit_unchunked", r["bit"])["time"]), _ms(r["token"]["time"])]
              for r in report["heads"]])
+    if report.get("generation"):
+        lines += generation_table(report["generation"])
     if report.get("targets"):
         lines.append("")
         lines += [f"target {name}: {t['value']:.4g} vs {t['target']} -> "
                   f"{'met' if t['met'] else 'NOT met'}" for name, t in report["targets"].items()]
     return "\n".join(lines)
 
+
+def generation_table(section: dict[str, Any]) -> list[str]:
+    """The generation rows with their cost model: passes and model FLOPs per generated token."""
+    rows = []
+    for r in section["rows"]:
+        c = r["cost"]
+        head = (f"{c['head_passes_per_token']:.2f} × {c['head_tokens']}" if c["head_passes"]
+                else "in backbone")
+        limit = r["fraction_of_matmul_limit"]
+        rows.append([r["generator"], str(r["batch"]), f"{r['tokens_per_s']:.0f}",
+                     f"{r['median_s'] * 1e3:.1f}", f"{r['spread']:.0%}",
+                     f"{c['backbone_passes_per_token']:.2f} × {c['backbone_tokens']}", head,
+                     f"{c['flops_per_token'] / 1e6:.2f}", f"{r['achieved_flops_per_s'] / 1e9:.2f}",
+                     "-" if limit is None else f"{limit:.1%}"])
+    return ["", f"generation: size {section['size']} (V={section['vocab_size']}), "
+            f"{section['compute_dtype']}, early stop off (every row generates all T tokens), "
+            f"median of {section['repeats']} after a warm-up",
+            *_table(["generator", "batch", "tokens/s", "median ms", "spread (max-min)/med",
+                     "backbone passes/token × tokens", "head passes/token × tokens",
+                     "MFLOP/token", "GFLOP/s", "of limit"], rows)]
