@@ -84,9 +84,9 @@ def test_bitlm_cost_by_hand(label, branches):
     backbone = 3 * m * backbone_token + sum(4 * m * (j + 1) * m * E for j in range(3))
     # Head call on one block (one CFG branch): time_in 256·C and time_out C·C once per block;
     # per slot (m rows): cond_in E·C, bits_in P·C, adaLN C·6C, qkv C·3C, out C·C,
-    # SwiGLU 3·C·Fh with Fh = int(2·4C/3) = 42, final adaLN C·2C, bits_out C·P;
-    # attention of the m slots over each other, 2·2·m·m·C.
-    fh = int(2 * 4 * C / 3)
+    # SwiGLU 3·C·Fh with Fh = 8C/3 = 42 rounded up to a multiple of 64 = 64, final adaLN C·2C,
+    # bits_out C·P; attention of the m slots over each other, 2·2·m·m·C.
+    fh = 64
     per_slot = E * C + P * C + 6 * C * C + 3 * C * C + C * C + 3 * C * fh + 2 * C * C + C * P
     head_call = 2 * (256 * C + C * C) + 2 * m * per_slot + 4 * m * m * C
     head_passes = n * (k + 1) * branches  # 32 per branch: K = 15 Euler steps + the final jump
