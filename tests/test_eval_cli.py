@@ -89,6 +89,25 @@ def test_table_csv_and_frontier_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_families_with_options_get_their_own_curves_and_labels(tmp_path):
+    temperature_only = dict(name=None, grid=None, nfe=None, gamma=None, window_q=None, temperature=1.0)
+    rows = [_row(0, 900.0, 3.0, model="bitlm", family={"head": "diffusion", "guidance": 9.0},
+                 **temperature_only),
+            _row(0, 800.0, 3.2, model="bitlm", family={"head": "softmax"}, **temperature_only)]
+    rows += [_row(0, 700.0 - g, 3.1 + g, gamma=g, model="block_cobit", family={"block_tokens": 4})
+             for g in (0.0, 0.2)]
+    table = sweep.aggregate(rows)
+    curves = plot.frontier_curves(table)
+    assert sorted(curves) == ["bitlm (diffusion head)", "bitlm (softmax head)",
+                              "block_cobit ddim entropic NFE 32"]
+    assert len(curves["block_cobit ddim entropic NFE 32"]) == 2
+    text = sweep.format_table(table)
+    assert "T=1 head=diffusion guidance=9.0" in text and "T=1 head=softmax" in text
+    assert "ddim entropic PF-ODE (γ=0) block_tokens=4" in text
+    png = plot.plot_frontier(table, tmp_path / "frontier.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_score_samples_under_a_uniform_evaluator_is_the_vocabulary_size():
     vocab = 50
 

@@ -18,19 +18,22 @@ from bitgen.eval.sweep import window_label
 def frontier_curves(table: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Group aggregated rows into labelled curves, each sorted by entropy (pure).
 
-    CoBit: one curve per (sampler, grid, NFE, window) across γ; AR: one curve per top-p across
-    temperatures; real data: its own single-point group.
+    CoBit and other sampler-swept families: one curve per (family, sampler, grid, NFE, window)
+    across γ; AR: one curve per top-p across temperatures; a family drawn at a temperature: one
+    per head when it names one (BitLM and its softmax control); real data: its own group.
     """
     curves: dict[str, list[dict[str, Any]]] = {}
     for row in table:
         if row.get("genppl_mean") is None:
             continue
-        if row["model"] == "cobit":
-            label = f"CoBit {row['name']} {row['grid']} NFE {row['nfe']}{window_label(row)}"
-        elif row["model"] == "ar":
+        head = (row.get("family") or {}).get("head")
+        model = {"cobit": "CoBit", "ar": "AR"}.get(row["model"], str(row["model"]))
+        if row["model"] == "ar":
             label = f"AR (top-p {row['top_p']:g}, temperatures)"
+        elif row.get("name") is not None:  # a sampler-swept family: one curve across γ
+            label = f"{model} {row['name']} {row['grid']} NFE {row['nfe']}{window_label(row)}"
         else:
-            label = str(row["model"])
+            label = model if head is None else f"{model} ({head} head)"
         curves.setdefault(label, []).append(row)
     return {k: sorted(v, key=lambda r: r["entropy_mean"]) for k, v in curves.items()}
 
@@ -61,7 +64,7 @@ def plot_frontier(table: Sequence[dict[str, Any]], path: str | Path, *, title: s
             continue
         style = {"marker": "s", "linestyle": "--"} if rows[0]["model"] == "ar" else {"marker": "o"}
         line = ax.errorbar(x, y, xerr=xerr, yerr=yerr, capsize=2, label=label, **style)
-        if rows[0]["model"] == "cobit":
+        if rows[0].get("name") is not None:
             for r in rows:  # annotate γ so the direction of the frontier is readable
                 ax.annotate(f"{r['gamma']:g}", (r["entropy_mean"], r["genppl_mean"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points", color=line[0].get_color())
