@@ -121,6 +121,7 @@ def _no_corpus(run, source, cache):
     assert json.loads((run / "config.json").read_text())["data"]["source"] == str(source)
 
 
+@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
 @pytest.mark.parametrize("task", ["cobit", "ar"])
 def test_a_run_samples_and_evaluates_without_its_corpus(task, tmp_path, capsys):
     source, cache = tmp_path / "corpus.txt", tmp_path / "cache"
