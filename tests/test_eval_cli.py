@@ -89,6 +89,21 @@ def test_table_csv_and_frontier_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_sampler_field_that_changes_the_draws_keys_a_point():
+    base = _row(0, 1.0, 1.0)
+    keys = {sweep.point_key(base)}
+    for change in ({"terminal_sigma": 2.0}, {"s_noise": 1.0}, {"sc_mode": "refined"},
+                   {"ati_eta": 0.5}, {"window_q": [0.2, 0.8]}, {"family": {"block_tokens": 2}}):
+        keys.add(sweep.point_key({**base, **change}))
+    assert len(keys) == 7
+    # A key listed later keys at its default, or unset (AR has no terminal σ), as a row cached
+    # before it existed.
+    for late, default in sweep.LATE_KEYS.items():
+        before = sweep.point_key({k: v for k, v in base.items() if k != late})
+        assert sweep.point_key({**base, late: default}) == before
+        assert sweep.point_key({**base, late: None}) == before
+
+
 def test_families_with_options_get_their_own_curves_and_labels(tmp_path):
     temperature_only = dict(name=None, grid=None, nfe=None, gamma=None, window_q=None, temperature=1.0)
     rows = [_row(0, 900.0, 3.0, model="bitlm", family={"head": "diffusion", "guidance": 9.0},

@@ -53,12 +53,16 @@ def test_sample_metadata_names_the_guidance_and_head_steps(runs, tmp_path):
     assert drawn_with["family"]["guidance"] == 2.5 and drawn_with["family"]["head_steps"] == 3
 
 
-def test_the_softmax_control_is_named_by_its_head_and_temperature_alone():
+def test_the_softmax_control_is_named_by_its_head_temperature_and_early_stop():
     from bitgen.families import get
 
     bitlm = get("bitlm")
     softmax = bitlm.settings(None, options=BitLMOptions(head="softmax"), temperature=0.8, top_p=1.0)
-    assert softmax == {"task": "bitlm", "temperature": 0.8, "family": {"head": "softmax"}}
+    assert softmax == {"task": "bitlm", "temperature": 0.8,
+                       "family": {"head": "softmax", "stop_at_separator": True}}
+    no_stop = bitlm.settings(None, options=BitLMOptions(head="softmax", stop_at_separator=False),
+                             temperature=0.8, top_p=1.0)
+    assert no_stop != softmax  # the early stop changes the draws of either head
     diffusion = bitlm.settings(None, options=BitLMOptions(), temperature=1.0, top_p=1.0)
     assert diffusion["family"]["head"] == "diffusion" and diffusion["family"]["guidance"] == 9.0
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bitgen.config import SamplerConfig
 from bitgen.eval.metrics import gen_ppl, mean_unigram_entropy
 from bitgen.eval.reference import entropy_ids, reference_label, reference_rows
 from bitgen.generation import Sample, generate, sampler_settings_dict, sampling_options, write_samples
@@ -39,7 +40,11 @@ from bitgen.loading import LoadedModel, SampleError
 # Fields that identify an operating point (everything except the seed and the measurements);
 # ``family``: a family's own sampling options (``Family.settings``), absent for CoBit and AR.
 POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
-              "temperature", "top_p", "step", "family")
+              "terminal_sigma", "s_noise", "temperature", "top_p", "step", "family")
+# Keys added after rows were first cached, and the value that leaves one out of ``point_key``: rows
+# and sample files cached before a key existed keep their keys, and any other value gets its own.
+LATE_KEYS = {"family": None, "terminal_sigma": SamplerConfig.terminal_sigma,
+             "s_noise": SamplerConfig.s_noise}
 METRIC_KEYS = ("genppl", "entropy", "n_invalid_mean", "seconds")
 # Bump when how a row is scored changes; rows of another version are scored again, not reused
 # (2: texts scored one at a time, entropy on base ids of second-stage codes, reference labels).
@@ -115,10 +120,11 @@ def _pow2_windows(score: Callable, window: int) -> Callable:
 
 
 def point_key(row: dict[str, Any]) -> tuple:
-    """The row's ``POINT_KEYS`` values as JSON. An unset ``family`` is left out, so rows and sample
-    files of families without one keep the keys they were cached under before it existed."""
+    """The row's ``POINT_KEYS`` values as JSON; a ``LATE_KEYS`` entry that is unset (None: a family
+    without that setting) or at its listed value is left out, so such rows key as they did before
+    it was listed."""
     return tuple(json.dumps(row.get(k), sort_keys=True) for k in POINT_KEYS
-                 if k != "family" or row.get(k) is not None)
+                 if k not in LATE_KEYS or row.get(k) not in (None, LATE_KEYS[k]))
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -201,10 +201,10 @@ class BitLM:
     def settings(self, sampler_cfg: Any, *, options: BitLMOptions, temperature: float,
                  top_p: float) -> dict[str, Any]:
         """The effective temperature, and under ``"family"`` the head and, for the diffusion head,
-        the section's ``SAMPLING_OPTIONS`` (the softmax control draws at the temperature alone; the
-        other options shape the model, fixed by its checkpoint). The head is named so that the
+        the section's ``SAMPLING_OPTIONS`` (the softmax control draws at the temperature with the
+        early stop alone; the other options shape the model, fixed by its checkpoint). The head is named so that the
         two kinds of run read apart in a table."""
-        used = SAMPLING_OPTIONS if options.head == "diffusion" else ()
+        used = SAMPLING_OPTIONS if options.head == "diffusion" else ("stop_at_separator",)
         return {"task": self.name, "temperature": temperature,
                 "family": {"head": options.head, **{name: getattr(options, name) for name in used}}}
 
