@@ -208,21 +208,24 @@ def test_prompts_are_reproduced_and_a_fixed_key_is_deterministic():
     np.testing.assert_array_equal(prefilled[:, 0, :4], np.asarray(IDS)[:, :4])
 
 
-def test_the_sampler_stops_at_the_separator_and_m1_is_bitwise_autoregression():
-    """m = 1 (one token per block, causal): a row stops at its first generated stop id; nothing
-    after it is generated, and a row without one is generated to the end. Stop id = the id drawn
-    most often without a stop, so some rows stop early (checked: the key is fixed)."""
-    known = jnp.arange(T)[None] < 1
-    free = _sample(jax.random.key(3), known, m=1)
-    stop_id = int(np.bincount(free[:, 0, 1:].ravel()).argmax())
-    out = _sample(jax.random.key(3), known, m=1, stop_id=stop_id)
-    stopped_early = 0
+@pytest.mark.parametrize("m", [1, 2])
+def test_the_sampler_stops_at_the_separator(m):
+    """A row stops at its first generated stop id, inside a block too (m = 2): nothing after it is
+    generated, and a row without one is generated to the end. Stop id = the id drawn most often
+    without a stop, so some rows stop early (checked: the key is fixed)."""
+    known = jnp.arange(T)[None] < m
+    free = _sample(jax.random.key(3), known, m=m)
+    stop_id = int(np.bincount(free[:, 0, m:].ravel()).argmax())
+    out = _sample(jax.random.key(3), known, m=m, stop_id=stop_id)
+    stopped_early = mid_block = 0
     for ids, status in out:
-        hits = np.flatnonzero(ids[1:] == stop_id) + 1
+        hits = np.flatnonzero(ids[m:] == stop_id) + m
         first = hits[0] if hits.size and status[hits[0]] != NOT_GENERATED else T - 1
         assert np.all(status[: first + 1] != NOT_GENERATED) and np.all(status[first + 1:] == NOT_GENERATED)
         stopped_early += first < T - 1
+        mid_block += first < T - 1 and first % m != m - 1
     assert stopped_early > 0
+    assert m == 1 or mid_block > 0  # m = 2: some stop leaves the rest of its block not generated
 
 
 def test_invalid_codes_are_counted_and_mapped_by_the_codec_rule():

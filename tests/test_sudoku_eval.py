@@ -87,7 +87,8 @@ def test_eval_task_sudoku_end_to_end_keeps_the_prompt(runs, puzzle_set, tmp_path
                  "--nfe", "6", "--gamma", "0,0.2", "--batch-size", "3") == 0
     report = json.loads((out / sudoku_run.METRICS_FILE).read_text())
     expected_points = ["nfe6_gamma0", "nfe6_gamma0.2"] if task == "cobit" else ["greedy", "t1_p1"]
-    assert [r["point"] for r in report["rows"]] == expected_points
+    names = [r["point"] for r in report["rows"]]
+    assert [n.rsplit("_", 1)[0] if task == "cobit" else n for n in names] == expected_points
     assert report["n"] == N_PUZZLES and report["solutions"] is with_solutions
     for row in report["rows"]:
         assert set(row["scores"]) == {"easy", "hard", "all"}
@@ -208,7 +209,7 @@ def test_guided_sudoku_eval_runs_the_guided_sampler(runs, puzzle_set, monkeypatc
     sudoku_run.solve_puzzles(plain, plain_point, puzzles[:2], seed=0, batch_size=2, progress=False)
     # DDIM + carry: (nfe - 1) // calls points, one call per denoise unguided and two guided.
     assert built == [(True, 2.0, 4), (False, None, 8)]
-    assert point.name == "nfe9_gamma0.1_w2"
+    assert point.name == f"nfe9_gamma0.1_w2_{sudoku_run.sampler_digest(point.sampler_cfg)}"
 
 
 def test_reports_of_more_points_add_up_and_another_evaluation_replaces_them(runs, puzzle_set,
@@ -226,18 +227,26 @@ def test_reports_of_more_points_add_up_and_another_evaluation_replaces_them(runs
     def evaluate(*extra):
         assert _eval(runs["cobit"], "--puzzles", str(path), "--out", str(out), *extra) == 0
         report = json.loads((out / sudoku_run.METRICS_FILE).read_text())
-        return [(r["point"], r["seed"], r["n"]) for r in report["rows"]]
+        return [(r["point"].rsplit("_", 1)[0], r["settings"]["name"], r["seed"], r["n"])
+                for r in report["rows"]]
 
-    assert evaluate("--gamma", "0", "--nfe", "6") == [("nfe6_gamma0", 0, 5)]
+    assert evaluate("--gamma", "0", "--nfe", "6") == [("nfe6_gamma0", "ddim", 0, 5)]
     # Another NFE, another seed and a repeated point: the earlier rows stay, the repeat is replaced.
     assert evaluate("--gamma", "0", "--nfe", "8", "--seeds", "0,1") == [
-        ("nfe6_gamma0", 0, 5), ("nfe8_gamma0", 0, 5), ("nfe8_gamma0", 1, 5)]
+        ("nfe6_gamma0", "ddim", 0, 5), ("nfe8_gamma0", "ddim", 0, 5), ("nfe8_gamma0", "ddim", 1, 5)]
     assert evaluate("--gamma", "0", "--nfe", "6") == [
-        ("nfe8_gamma0", 0, 5), ("nfe8_gamma0", 1, 5), ("nfe6_gamma0", 0, 5)]
-    assert "nfe8_gamma0 | 1 | all" in (out / sudoku_run.TABLE_FILE).read_text()
+        ("nfe8_gamma0", "ddim", 0, 5), ("nfe8_gamma0", "ddim", 1, 5), ("nfe6_gamma0", "ddim", 0, 5)]
+    # Another sampler at the same NFE and γ: its own row and predictions, under another name.
+    assert evaluate("--gamma", "0", "--nfe", "6", "sampler.name=heun")[-1] == ("nfe6_gamma0", "heun", 0, 5)
+    report = json.loads((out / sudoku_run.METRICS_FILE).read_text())
+    names = [r["point"] for r in report["rows"]]
+    assert len(report["rows"]) == 4 and len(set(names)) == 3
+    for name in set(names):
+        assert (out / f"predictions_{name}_seed0.txt").is_file()
+    assert f"{names[0]} | 1 | all" in (out / sudoku_run.TABLE_FILE).read_text()
     capsys.readouterr()
     # Other puzzles (the first 3): another evaluation, which replaces the report and says so.
-    assert evaluate("--gamma", "0", "--nfe", "6", "--num", "3") == [("nfe6_gamma0", 0, 3)]
+    assert evaluate("--gamma", "0", "--nfe", "6", "--num", "3") == [("nfe6_gamma0", "ddim", 0, 3)]
     assert "replaced" in capsys.readouterr().out
 
 

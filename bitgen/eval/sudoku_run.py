@@ -57,8 +57,9 @@ class SudokuEvalError(BitgenError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One operating point. name: filename-safe label (``nfe180_gamma0.2``, ``greedy``,
-    ``t0.9_p1``), distinct for every setting that changes the draws."""
+    """One operating point. name: filename-safe label (``nfe180_gamma0.2_<digest>``, ``greedy``,
+    ``t0.9_p1``), distinct for every setting that changes the draws: a CoBit name ends in six hex
+    digits of its whole sampler config (``sampler_digest``)."""
 
     name: str
     sampler_cfg: SamplerConfig
@@ -97,9 +98,21 @@ def operating_points(model: LoadedModel, *, nfe: int, gammas: list[float] | None
         return points
     base = model.cfg.sampler
     suffix = "" if base.guidance == 1 else f"_w{base.guidance:g}"
-    return [Point(f"nfe{nfe}_gamma{g:g}{suffix}", dataclasses.replace(base, nfe=nfe, gamma=g),
-                  temperature, top_p)
-            for g in (gammas or [base.gamma])]
+    points = []
+    for g in gammas or [base.gamma]:
+        sampler_cfg = dataclasses.replace(base, nfe=nfe, gamma=g)
+        points.append(Point(f"nfe{nfe}_gamma{g:g}{suffix}_{sampler_digest(sampler_cfg)}", sampler_cfg,
+                            temperature, top_p))
+    return points
+
+
+def sampler_digest(sampler_cfg: SamplerConfig) -> str:
+    """Six hex digits of every sampler setting but ``batch_size`` (the evaluation batches by its
+    own ``--batch-size``): the name part that tells apart, e.g., DDIM and Heun at one NFE."""
+    import hashlib
+
+    fields = {k: v for k, v in dataclasses.asdict(sampler_cfg).items() if k != "batch_size"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def check_points(model: LoadedModel, points: list[Point]) -> None:
@@ -233,8 +246,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def merged_rows(metrics: Path, header: dict, rows: list[dict]) -> tuple[list[dict], str | None]:
     """``rows`` after the rows of an earlier report at ``metrics`` with the same ``header`` (run,
-    step, puzzles) and another (point, seed): evaluations of more points add up. Returns the rows and,
-    when an existing report is for another header and gets replaced, a note saying which."""
+    step, puzzles) and other (settings, seed): evaluations of more points add up, and a point drawn
+    again replaces its row. Returns the rows and, when an existing report is for another header and
+    gets replaced, a note saying which."""
     if not metrics.is_file():
         return rows, None
     try:
@@ -244,8 +258,11 @@ def merged_rows(metrics: Path, header: dict, rows: list[dict]) -> tuple[list[dic
     if {k: old.get(k) for k in header} != header:
         described = ", ".join(f"{k}={old.get(k)}" for k in ("run", "step", "puzzles", "n"))
         return rows, f"replaced {metrics}, which held another evaluation ({described})"
-    new = {(r["point"], r["seed"]) for r in rows}
-    return [r for r in old.get("rows", []) if (r["point"], r["seed"]) not in new] + rows, None
+    def drawn_as(row: dict) -> tuple[str, int]:
+        return json.dumps(row["settings"], sort_keys=True), row["seed"]
+
+    new = {drawn_as(r) for r in rows}
+    return [r for r in old.get("rows", []) if drawn_as(r) not in new] + rows, None
 
 
 def write_report(rows: list[dict], out_dir: Path, header: dict, log=print) -> tuple[Path, Path]:
