@@ -175,6 +175,34 @@ def test_a_block_moves_only_the_outputs_after_it():
         assert np.all(np.delete(moved_by_noisy, k) == 0.0) and moved_by_noisy[k] > 0.0, k
 
 
+@pytest.mark.parametrize("boundary", [4, 5])  # at a block edge (m = 2) and inside a block
+def test_packed_documents_do_not_see_each_other(boundary):
+    """With segment ids, changing any bit of one document (its noisy or clean copy) leaves every
+    output of the other document unchanged; without them the later document moves."""
+    m, n = 2, T // 2
+    sigma = jnp.full((B, n), 0.7)
+    x = _noisy(sigma, m)
+    segments = jnp.broadcast_to((jnp.arange(T) >= boundary).astype(jnp.int32), (B, T))
+    tokens_of = lambda doc: np.flatnonzero(np.asarray(segments[0]) == doc)  # noqa: E731
+
+    def outputs(noisy, clean, segs):
+        f = block_sdt.training_residual(PARAMS, noisy, clean, sigma, X0, cfg=CFG, block_tokens=m,
+                                        clean_sigma=CLEAN, segments=segs)
+        return np.asarray(f).reshape(B, T, P)
+
+    for doc in (0, 1):
+        bits = np.zeros(T, bool)
+        bits[tokens_of(doc)] = True
+        changed = jnp.repeat(jnp.asarray(bits), P)[None]
+        flip = lambda v: jnp.where(changed, 1.0 - v, v)  # noqa: E731
+        for noisy, clean in ((flip(x), BITS), (x, flip(BITS))):
+            moved = np.abs(outputs(noisy, clean, segments) - outputs(x, BITS, segments)).max(axis=(0, 2))
+            assert np.all(moved[tokens_of(1 - doc)] == 0.0), (doc, moved)
+    first_token_flipped = BITS.at[:, :P].set(1.0 - BITS[:, :P])
+    leaked = np.abs(outputs(x, first_token_flipped, None) - outputs(x, BITS, None)).max(axis=(0, 2))
+    assert np.any(leaked[tokens_of(1)] > 0.0)  # without segments the first token reaches document 1
+
+
 def _sampling(m: int, stop_id: int = -1, nfe: int = 6):
     sampler = SamplerConfig(nfe=nfe, gamma=0.2, grid="karras")
     grid = sampling_grid(sampler, None, DiffusionConfig())

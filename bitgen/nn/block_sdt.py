@@ -32,7 +32,7 @@ from bitgen.config import DiffusionConfig, ModelConfig, check_bit_constants
 from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.diffusion.denoiser import combine_logits, denoised_mean
 from bitgen.diffusion.loss import loss_from_logits
-from bitgen.nn.attention import Attention, KVCache, init_cache
+from bitgen.nn.attention import Attention, KVCache, init_cache, segment_mask
 from bitgen.nn.layers import Dropout, SwiGLU, constrain, dense, layer_norm, xavier_uniform, zeros
 from bitgen.nn.sdt import positional_features, sigma_frequencies, swiglu_hidden
 
@@ -203,22 +203,28 @@ def init_block_cache(cfg: ModelConfig, batch: int) -> tuple[KVCache, ...]:
 
 def training_residual(params, noisy: Array, clean: Array, sigma: Array, x0_hat: Array, *,
                       cfg: ModelConfig, block_tokens: int, clean_sigma: float,
-                      key: jax.Array | None = None, train: bool = False) -> Array:
+                      key: jax.Array | None = None, train: bool = False,
+                      segments: Array | None = None) -> Array:
     """f_θ [B, S] of the noisy row in one pass over [noisy, clean] (module docstring).
 
     noisy, clean, x0_hat: [B, S] (x0_hat for the noisy row; clean tokens self-condition on their
     own bits); sigma [B, n]: each block's σ. ``key``: dropout (needed when training with it).
+    ``segments`` int [B, T] (None = one document per row): packed rows, where a token of either
+    copy attends only to tokens of its own document on top of ``training_mask``.
     """
     batch, seq_bits = noisy.shape
     levels = jnp.concatenate([sigma.astype(jnp.float32),
                               jnp.full((batch, 1), clean_sigma, jnp.float32)], axis=1)
     clean = clean.astype(jnp.float32)
     rngs = {"dropout": key} if train and cfg.dropout > 0.0 else {}
+    mask = training_mask(cfg.seq_tokens, block_tokens)
+    if segments is not None:
+        both = jnp.tile(segments, (1, 2))  # the noisy and the clean copy of each token
+        mask = mask & segment_mask(both, both)
     f_theta, _ = BlockSDT(cfg, train=train).apply(
         {"params": params}, jnp.concatenate([noisy, clean], axis=1), levels,
         jnp.concatenate([x0_hat, clean], axis=1), training_levels(cfg.seq_tokens, block_tokens),
-        positions=training_positions(cfg.seq_tokens),
-        mask=training_mask(cfg.seq_tokens, block_tokens), rngs=rngs)
+        positions=training_positions(cfg.seq_tokens), mask=mask, rngs=rngs)
     return f_theta[:, :seq_bits]
 
 
@@ -248,7 +254,7 @@ def append_clean(params, cache: tuple[KVCache, ...], bits: Array, *, cfg: ModelC
 
 def block_cobit_loss(params, bits: Array, sigma: Array, key: jax.Array, *, cfg: ModelConfig,
                      diffusion_cfg: DiffusionConfig, block_tokens: int, clean_sigma: float,
-                     train: bool = True) -> tuple[Array, dict[str, Array]]:
+                     train: bool = True, segments: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """CoBit's loss (``bitgen.diffusion.loss``) with one σ per block: bits [B, S] in {0,1},
     sigma [B, n] (n = T/m), key for ε, the self-conditioning draw and dropout.
 
@@ -257,7 +263,7 @@ def block_cobit_loss(params, bits: Array, sigma: Array, key: jax.Array, *, cfg: 
     zero estimate (the samplers' first-step input) rather than the SDT's un-centred-zero quirk.
     Logits and loss are CoBit's per block (a block is a "row" of m·P bits with its σ), so the
     loss is the mean over all blocks and bits. aux: ``mse_per_block`` / ``loss_per_block`` [B, n]
-    and ``sc_mask`` [B].
+    and ``sc_mask`` [B]. ``segments`` [B, T]: packed rows (``training_residual``).
     """
     check_bit_constants(diffusion_cfg)
     batch, seq_bits = bits.shape
@@ -275,7 +281,7 @@ def block_cobit_loss(params, bits: Array, sigma: Array, key: jax.Array, *, cfg: 
 
     def logits(x0_hat, k):
         f_theta = training_residual(params, x_t, clean, sigma, x0_hat, cfg=cfg, block_tokens=block_tokens,
-                                    clean_sigma=clean_sigma, key=k, train=train)
+                                    clean_sigma=clean_sigma, key=k, train=train, segments=segments)
         return combine_logits(by_block(f_theta), by_block(x_t), sigma.reshape(-1), cfg=cfg)
 
     x0_hat = jnp.zeros_like(x_t)
