@@ -143,14 +143,8 @@ def run_demo(p: DemoPlan, *, progress: bool = True, log=_say) -> tuple[list[dict
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
     from bitgen.loading import load_model
-    from bitgen.eval.sweep import (
-        aggregate,
-        format_table,
-        load_evaluator,
-        reference_point,
-        run_sweep,
-        write_csv,
-    )
+    from bitgen.eval.sweep import load_evaluator, reference_point, run_sweep
+    from bitgen.eval.table import aggregate, format_table, write_csv
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):

@@ -24,6 +24,7 @@ from bitgen.config import (
     to_dict,
 )
 from bitgen.eval import plot, sweep
+from bitgen.eval import table as tables
 from bitgen.eval.metrics import windowed_sequence_nll
 from bitgen.generation import decode_samples
 from bitgen.loading import SampleError, load_model
@@ -49,7 +50,7 @@ def test_parse_sweep_is_the_cartesian_product_of_sampler_overrides():
 
 
 def _row(seed, genppl, entropy, gamma=0.2, model="cobit", **extra):
-    base = {k: None for k in sweep.POINT_KEYS}
+    base = {k: None for k in tables.POINT_KEYS}
     base.update(model=model, name="ddim", grid="entropic", nfe=32, gamma=gamma, window_q=[0.0, 1.0],
                 seed=seed, n=8, genppl=genppl, entropy=entropy, n_invalid_mean=0.0, seconds=1.0)
     base.update(extra)
@@ -60,7 +61,7 @@ def _row(seed, genppl, entropy, gamma=0.2, model="cobit", **extra):
 @settings(max_examples=30, deadline=None)
 def test_aggregate_is_mean_and_std_over_seeds(values):
     rows = [_row(i, p, h) for i, (p, h) in enumerate(values)] + [_row(0, 5.0, 1.0, gamma=0.0)]
-    table = sweep.aggregate(rows)
+    table = tables.aggregate(rows)
     assert [t["gamma"] for t in table] == [0.2, 0.0]
     ppl = np.array([v[0] for v in values])
     assert table[0]["genppl_mean"] == pytest.approx(ppl.mean())
@@ -75,15 +76,15 @@ def test_table_csv_and_frontier_plot(tmp_path):
                   window_q=None, temperature=1.0, top_p=1.0) for s in (0, 1)]
     rows.append(_row(0, 12.0, 3.4, model="real data", name=None, grid=None, nfe=None, gamma=None,
                      window_q=None))
-    table = sweep.aggregate(rows)
+    table = tables.aggregate(rows)
     curves = plot.frontier_curves(table)
     assert sorted(len(c) for c in curves.values()) == [1, 1, 3]
     cobit = next(c for c in curves.values() if c[0]["model"] == "cobit")
     assert [r["gamma"] for r in cobit] == [0.0, 0.1, 0.3]  # sorted by entropy
-    text = sweep.format_table(table)
+    text = tables.format_table(table)
     assert "PF-ODE" in text and "γ=0.3" in text and "held-out rows" in text and "T=1" in text
     assert "30.50 ± 0.50" in text  # γ=0: seeds give 30 and 31
-    csv_path = sweep.write_csv(table, tmp_path / "t.csv")
+    csv_path = tables.write_csv(table, tmp_path / "t.csv")
     assert len(csv_path.read_text().strip().splitlines()) == 1 + len(table)
     png = plot.plot_frontier(table, tmp_path / "f" / "frontier.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,17 +92,17 @@ def test_table_csv_and_frontier_plot(tmp_path):
 
 def test_every_sampler_field_that_changes_the_draws_keys_a_point():
     base = _row(0, 1.0, 1.0)
-    keys = {sweep.point_key(base)}
+    keys = {tables.point_key(base)}
     for change in ({"terminal_sigma": 2.0}, {"s_noise": 1.0}, {"sc_mode": "refined"},
                    {"ati_eta": 0.5}, {"window_q": [0.2, 0.8]}, {"family": {"block_tokens": 2}}):
-        keys.add(sweep.point_key({**base, **change}))
+        keys.add(tables.point_key({**base, **change}))
     assert len(keys) == 7
     # A key listed later keys at its default, or unset (AR has no terminal σ), as a row cached
     # before it existed.
-    for late, default in sweep.LATE_KEYS.items():
-        before = sweep.point_key({k: v for k, v in base.items() if k != late})
-        assert sweep.point_key({**base, late: default}) == before
-        assert sweep.point_key({**base, late: None}) == before
+    for late, default in tables.LATE_KEYS.items():
+        before = tables.point_key({k: v for k, v in base.items() if k != late})
+        assert tables.point_key({**base, late: default}) == before
+        assert tables.point_key({**base, late: None}) == before
 
 
 def test_families_with_options_get_their_own_curves_and_labels(tmp_path):
@@ -111,12 +112,12 @@ def test_families_with_options_get_their_own_curves_and_labels(tmp_path):
             _row(0, 800.0, 3.2, model="bitlm", family={"head": "softmax"}, **temperature_only)]
     rows += [_row(0, 700.0 - g, 3.1 + g, gamma=g, model="block_cobit", family={"block_tokens": 4})
              for g in (0.0, 0.2)]
-    table = sweep.aggregate(rows)
+    table = tables.aggregate(rows)
     curves = plot.frontier_curves(table)
     assert sorted(curves) == ["bitlm (diffusion head)", "bitlm (softmax head)",
                               "block_cobit ddim entropic NFE 32"]
     assert len(curves["block_cobit ddim entropic NFE 32"]) == 2
-    text = sweep.format_table(table)
+    text = tables.format_table(table)
     assert "T=1 head=diffusion guidance=9.0" in text and "T=1 head=softmax" in text
     assert "ddim entropic PF-ODE (γ=0) block_tokens=4" in text
     png = plot.plot_frontier(table, tmp_path / "frontier.png")

@@ -12,6 +12,7 @@ import pytest
 from bitgen import cli
 from bitgen.config import DataConfig, ExperimentConfig, ModelConfig, SamplerConfig, to_dict
 from bitgen.eval import sweep
+from bitgen.eval import table as tables
 from bitgen.families.bitlm import SAMPLING_OPTIONS, BitLMOptions
 from test_eval_cli import _save_run
 
@@ -90,7 +91,7 @@ def test_evals_differing_only_in_a_family_option_do_not_share_cached_points(runs
 
 def test_families_without_sampling_options_keep_their_point_keys():
     """Rows cached before ``family`` joined ``POINT_KEYS`` (no such field) keep their key."""
-    old = {k: 1 for k in sweep.POINT_KEYS if k != "family"}
-    assert sweep.point_key(old) == sweep.point_key({**old, "family": None})
-    assert sweep.point_key(old) == tuple(json.dumps(1) for _ in range(len(sweep.POINT_KEYS) - 1))
-    assert sweep.point_key({**old, "family": {"guidance": 2.0}}) != sweep.point_key(old)
+    old = {k: 1 for k in tables.POINT_KEYS if k != "family"}
+    assert tables.point_key(old) == tables.point_key({**old, "family": None})
+    assert tables.point_key(old) == tuple(json.dumps(1) for _ in range(len(tables.POINT_KEYS) - 1))
+    assert tables.point_key({**old, "family": {"guidance": 2.0}}) != tables.point_key(old)

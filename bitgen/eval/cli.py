@@ -132,16 +132,8 @@ def evaluate(args: argparse.Namespace, log=print) -> tuple[list[dict], int | Non
     from bitgen.preemption import PreemptionFlag
     from bitgen.eval.controls import unigram_control
     from bitgen.eval.plot import plot_frontier
-    from bitgen.eval.sweep import (
-        aggregate,
-        describe_point,
-        format_table,
-        load_evaluator,
-        parse_sweep,
-        reference_point,
-        run_sweep,
-        write_csv,
-    )
+    from bitgen.eval.sweep import load_evaluator, parse_sweep, reference_point, run_sweep
+    from bitgen.eval.table import aggregate, describe_point, format_table, write_csv
     from bitgen.generation import check_guidance
     from bitgen.loading import SampleError, load_model
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from bitgen.data.corpus import token_counts
 from bitgen.eval.reference import entropy_ids
-from bitgen.eval.sweep import POINT_KEYS, SCORING_VERSION, Evaluator, read_rows, score_samples
+from bitgen.eval.sweep import SCORING_VERSION, Evaluator, read_rows, score_samples
+from bitgen.eval.table import POINT_KEYS
 
 UNIGRAM_MODEL = "iid unigram"
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bitgen.eval.sweep import window_label
+from bitgen.eval.table import window_label
 
 
 def frontier_curves(table: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

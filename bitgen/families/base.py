@@ -75,7 +75,7 @@ class Family(Protocol):
     def settings(self, sampler_cfg: Any, *, options: Any, temperature: float,
                  top_p: float) -> dict[str, Any]:
         """What identifies how a sample was drawn: stored beside samples and table rows, and the
-        key under which ``bitgen eval`` reuses cached points (``bitgen.eval.sweep.POINT_KEYS``).
+        key under which ``bitgen eval`` reuses cached points (``bitgen.eval.table.POINT_KEYS``).
 
         ``options`` is the family section the model was loaded with (``model.cfg.family``, with
         any ``family.*`` command-line overrides applied; None for a family without one);
