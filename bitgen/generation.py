@@ -51,9 +51,9 @@ def sampling_options(model: LoadedModel, temperature: float | None,
 def sampler_settings_dict(model: LoadedModel, sampler_cfg: SamplerConfig, *, temperature: float,
                           top_p: float) -> dict[str, Any]:
     """What identifies how a sample was drawn (written next to every sample and table row)."""
-    return {**model.family.settings(sampler_cfg, options=model.cfg.family, temperature=temperature,
-                                    top_p=top_p),
-            "step": model.step}
+    drawn = {**model.family.settings(sampler_cfg, options=model.cfg.family, temperature=temperature,
+                                     top_p=top_p), "step": model.step}
+    return {**drawn, "loaded_with": model.loaded_with} if model.loaded_with else drawn
 
 
 def decode_samples(model: LoadedModel, out: np.ndarray, *, seed: int, start: int,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ class LoadedModel:
     """A restored model with everything needed to sample and decode.
 
     text: the run's tokenizer + codec; table: the run's latest entropy table (CoBit; None when
-    none was written yet); run: the run directory when known.
+    none was written yet); run: the run directory when known. loaded_with: the loading choices
+    that change the draws and are not the defaults (``{"weights": "raw"}``, ``{"table": "lm1b"}``),
+    recorded beside samples and in ``bitgen eval``'s cache key; empty for the defaults.
     """
 
     cfg: ExperimentConfig
@@ -54,6 +56,7 @@ class LoadedModel:
     step: int
     source: str
     run: Path | None = None
+    loaded_with: dict[str, str] = field(default_factory=dict)
 
     @property
     def family(self):
@@ -252,8 +255,10 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *,
     if (model_dir or params) and (step is not None or weights != "ema"):
         raise SampleError(f"{sources[0]} holds one set of weights: --step and --weights apply to "
                           "run and checkpoint directories only")
+    chosen = {name: value for name, value in (("weights", weights), ("table", table))
+              if value and value != "ema"}
     if params:
-        return _load_params_file(params, config, list(overrides), table)
+        return replace(_load_params_file(params, config, list(overrides), table), loaded_with=chosen)
     bad = [o for o in overrides if not o.startswith(("sampler.", "family."))]
     if bad:
         raise SampleError(f"only sampler.* and family.* overrides apply to a trained model, got "
@@ -261,8 +266,9 @@ def load_model(run_dir: str | None = None, checkpoint: str | None = None, *,
     if model_dir:
         if config:
             raise SampleError("--model-dir carries its config; drop --config")
-        return _load_folder(model_dir, list(overrides), table)
-    return _load_checkpoint(run_dir, checkpoint, config, list(overrides), table, weights, step)
+        return replace(_load_folder(model_dir, list(overrides), table), loaded_with=chosen)
+    return replace(_load_checkpoint(run_dir, checkpoint, config, list(overrides), table, weights, step),
+                   loaded_with=chosen)
 
 
 def _load_checkpoint(run_dir: str | None, checkpoint: str | None, config: str | None,

@@ -383,3 +383,23 @@ def test_guidance_without_a_condition_or_on_an_ar_run_is_one_line(cobit_run, ar_
     assert cli.main(["eval", "--run-dir", str(cobit_run), "--evaluator", "none", "--guidance", "2",
                      "--num", "1", "--out-dir", str(tmp_path / "e"), "--no-progress"]) == 2
     assert "none is given" in capsys.readouterr().err
+
+
+def test_raw_weights_and_another_table_do_not_reuse_the_default_draws(cobit_run, ar_run, tmp_path):
+    """`--weights raw` and `--table` change the draws, so they key points of their own; the default
+    load keys as before they were recorded (no `loaded_with`)."""
+    out_dir = tmp_path / "eval"
+    argv = ["eval", "--run-dir", str(cobit_run), "--evaluator", "none", "--sweep", "grid=karras nfe=4",
+            "--num", "2", "--out-dir", str(out_dir), "--no-progress"]
+    for extra in ([], ["--weights", "raw"], ["--table", "lm1b"], []):
+        assert cli.main(argv + extra) == 0
+    drawn = sorted((out_dir / "samples").glob("*.jsonl"))
+    assert len(drawn) == 3  # default (drawn once, then reused), raw weights, the lm1b table
+    recorded = sorted(json.dumps(json.loads(p.read_text().splitlines()[0])["settings"].get("loaded_with"))
+                      for p in drawn)
+    assert recorded == sorted(["null", '{"weights": "raw"}', '{"table": "lm1b"}'])
+    model = load_model(str(cobit_run), weights="raw")
+    row = {k: None for k in tables.POINT_KEYS} | {"model": "cobit", "name": "ddim", "grid": "karras",
+                                                 "gamma": 0.2, "window_q": [0.0, 1.0],
+                                                 "loaded_with": model.loaded_with}
+    assert tables.describe_point(row).endswith("weights=raw")

@@ -19,11 +19,11 @@ from bitgen.config import SamplerConfig
 # Fields that identify an operating point (everything except the seed and the measurements);
 # ``family``: a family's own sampling options (``Family.settings``), absent for CoBit and AR.
 POINT_KEYS = ("model", "evaluator", "name", "grid", "nfe", "gamma", "window_q", "sc_mode", "ati_eta",
-              "terminal_sigma", "s_noise", "temperature", "top_p", "step", "family")
+              "terminal_sigma", "s_noise", "temperature", "top_p", "step", "family", "loaded_with")
 # Keys added after rows were first cached, and the value that leaves one out of ``point_key``: rows
 # and sample files cached before a key existed keep their keys, and any other value gets its own.
 LATE_KEYS = {"family": None, "terminal_sigma": SamplerConfig.terminal_sigma,
-             "s_noise": SamplerConfig.s_noise}
+             "s_noise": SamplerConfig.s_noise, "loaded_with": None}
 METRIC_KEYS = ("genppl", "entropy", "n_invalid_mean", "seconds")
 
 
@@ -87,20 +87,21 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 def describe_point(row: dict[str, Any]) -> str:
     """Short label: "ddim entropic γ=0.2", "heun karras PF-ODE", "AR T=0.9 p=1", "held-out rows",
-    with the ``family`` options of a family that has them after the sampler or the temperature
-    ("T=1 head=diffusion guidance=9.0 ...", "ddim entropic γ=0.2 block_tokens=4 ...")."""
+    then a family's own options and the loading choices when set ("T=1 head=diffusion
+    guidance=9.0 ...", "ddim entropic γ=0.2 block_tokens=4 ...", "... weights=raw")."""
     if row["model"] == "real data":
         test = (row.get("reference") or "heldout").startswith("test:")
         return "test rows" if test else "held-out rows"
     if row["model"] == "iid unigram":
         return "tokens drawn independently"
+    options = {**(row.get("family") or {}), **(row.get("loaded_with") or {})}
+    extra = [f"{k}={v}" for k, v in options.items()]
     if row["model"] == "ar":
-        return f"T={row['temperature']:g} top-p={row['top_p']:g}"
-    family = [f"{k}={v}" for k, v in (row.get("family") or {}).items()]
+        return " ".join([f"T={row['temperature']:g} top-p={row['top_p']:g}", *extra])
     if row.get("name") is None:  # a family drawn at a temperature (BitLM)
-        return " ".join([f"T={row['temperature']:g}", *family])
+        return " ".join([f"T={row['temperature']:g}", *extra])
     churn = f"γ={row['gamma']:g}" if row["gamma"] else "PF-ODE (γ=0)"
-    return " ".join([f"{row['name']} {row['grid']} {churn}{window_label(row)}", *family])
+    return " ".join([f"{row['name']} {row['grid']} {churn}{window_label(row)}", *extra])
 
 
 def window_label(row: dict[str, Any]) -> str:
