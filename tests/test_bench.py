@@ -68,6 +68,7 @@ def test_forward_flops_agrees_with_xla_cost_analysis():
     assert analytic <= xla_flops <= analytic + omitted_per_element * activation_elements(cfg)
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_bench_bit_head_is_the_sdt_output_path():
     # Fed the SDT's own trunk output, content features and σ embedding with the SDT's parameters,
     # the benchmarked bit head must return the SDT's f_θ. Both run eagerly, op by op, the same

@@ -208,6 +208,7 @@ def test_block_sdt_pass_flops_are_the_matmuls_it_runs():
     assert jaxpr_dot_flops(append.jaxpr) == sdt_chunk_dense_flops(cfg, 4, head=False) + attention
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_every_registered_generator_makes_full_rows_through_its_family():
     text = synthetic_text(V)
     assert registered(), "the table has generators of registered families"
@@ -272,6 +273,7 @@ def test_families_select_their_generators():
     assert cli.generation_options(_parser().parse_args([])) is None
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_json_report_holds_the_generation_section(tmp_path):
     report = run_bench(dtype="float32", matmul_size=64, matmul_chain=1, matmul_repeats=1, train=[],
                        train_repeats=1, sampler=[], sampler_repeats=1, nfe=8, heads=[],

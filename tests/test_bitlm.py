@@ -221,7 +221,7 @@ def test_the_softmax_control_trains_and_samples():
 
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_the_head_uses_its_condition_on_a_next_block_task():
     """Synthetic task where the answer is known: block b+1 = (block b + 1) mod V' elementwise, with
     block 0 uniform over V' = 16 ids of 4-bit codes. For blocks ≥ 1 the backbone states of block b

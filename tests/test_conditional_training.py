@@ -89,6 +89,7 @@ def test_gradient_at_known_bits_is_exactly_zero(mask, logits, loss_type):
         assert np.all(grad[~mask] != 0.0)
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_no_mask_is_the_unmasked_loss(params):
     # (c) without a mask nothing changes: the loss is its pieces recomputed by hand, bit for bit,
     # and the no-key-drawn mask path (all bits target) agrees up to summation order.
@@ -185,6 +186,7 @@ def _tiny_experiment():
         mesh=MeshConfig(data=1), train=TrainConfig(steps=10)))
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_train_program_takes_masks():
     # A tiny CoBit trained through build_train_program on batches that carry "cond_mask": an
     # all-known batch has loss 0 and gradient 0 (the known bits contribute nothing, and its rows

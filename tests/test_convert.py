@@ -249,7 +249,7 @@ def _word_tokenizer(path, size: int):
     return path
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_released_weights_sample_and_score_through_the_cli(tmp_path, capsys):
     """The released-checkpoint recipe at toy size: official .pt -> `bitgen convert` -> `bitgen
     sample --params --config` (text pipeline from the files the config names, no corpus) ->

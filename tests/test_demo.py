@@ -71,7 +71,7 @@ def stand_in_training(tmp_path, monkeypatch):
     return calls
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_demo_trains_all_stages_then_prints_the_table_and_resumes(stand_in_training, tmp_path, capsys):
     p = demo.DemoPlan(work_dir=tmp_path / "work", train_overrides=(),
                       sampler_points=(("sampler.gamma=0",), ("sampler.gamma=0.3",)), seeds=(0, 1),

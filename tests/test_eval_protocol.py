@@ -53,7 +53,7 @@ def _count_sampler_compiles(fn) -> int:
     return buf.getvalue().count("Compiling jit(sample)")
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_three_seed_sweep_compiles_the_sampler_once_per_setting(cobit_run, tmp_path):
     """"Once per (settings, shapes)": the seed is a traced key, so every seed of a point reuses one
     program. Points differ in static structure when their per-step γ_i or grid length (NFE)

@@ -121,7 +121,7 @@ def _no_corpus(run, source, cache):
     assert json.loads((run / "config.json").read_text())["data"]["source"] == str(source)
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 @pytest.mark.parametrize("task", ["cobit", "ar"])
 def test_a_run_samples_and_evaluates_without_its_corpus(task, tmp_path, capsys):
     source, cache = tmp_path / "corpus.txt", tmp_path / "cache"
@@ -144,6 +144,7 @@ def test_a_run_samples_and_evaluates_without_its_corpus(task, tmp_path, capsys):
                      "--out-dir", str(tmp_path / "eval"), "--no-progress"]) == 0
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_an_ar_run_scores_against_a_test_split_without_its_corpus(tmp_path, capsys):
     """The AR run is its own evaluator: GenPPL of samples and of a test split, no training text."""
     source, test, cache = tmp_path / "corpus.txt", tmp_path / "test.txt", tmp_path / "cache"

@@ -68,6 +68,7 @@ def test_the_softmax_control_is_named_by_its_head_temperature_and_early_stop():
     assert diffusion["family"]["head"] == "diffusion" and diffusion["family"]["guidance"] == 9.0
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_evals_differing_only_in_a_family_option_do_not_share_cached_points(runs, tmp_path):
     bitlm_run, ar_run = runs
     out_dir = tmp_path / "eval"

@@ -85,6 +85,7 @@ def test_gradients_finite_with_dropout_and_self_conditioning(params, batch):
     assert all(np.isfinite(norms)) and max(norms) > 0
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_self_conditioning_pass_carries_no_gradient(params, batch):
     """The gradient equals the one of an explicit construction whose x0_hat is a constant."""
     bits, sigma = batch

@@ -133,6 +133,7 @@ TINY = ModelConfig(patch_size=4, seq_tokens=5, embed_dim=16, n_heads=2, n_blocks
                    content_dim=4, head_hidden=8, dropout=0.0)
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 @pytest.mark.parametrize("method,sc_mode", [("ddim", "refined"), ("heun", "carry")])
 def test_driver_runs_unjitted_and_equals_the_jitted_sampler(method, sc_mode):
     # Two per-step schedule constants are a product plus a sum that XLA may contract into one

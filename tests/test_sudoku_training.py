@@ -198,7 +198,7 @@ def _replayed_losses(cfg, rows, with_mask):
     return losses
 
 
-@pytest.mark.slow  # end to end; the default suite keeps under ~10 min on 2 cores
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 @pytest.mark.parametrize("task", ["cobit", "ar"])
 def test_a_sudoku_run_trains_on_the_solution_and_saves_a_loadable_run(task, rows, cache_dir, tmp_path):
     from bitgen.loading import load_model

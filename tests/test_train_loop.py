@@ -133,6 +133,7 @@ def test_a_second_run_of_the_same_config_compiles_nothing(cfg, uninterrupted, tm
 AR_TINY = ["task=ar", "model.dropout=0.1", *TINY]
 
 
+@pytest.mark.slow  # 8 s or more: with the slow set, so the default suite keeps to ~10 min on 2 cores
 def test_ar_task_trains_checkpoints_and_resumes_bitwise(tmp_path):
     cfg = load_config("demo_ar_cpu", AR_TINY)
     full = train(cfg, tmp_path / "full", progress=False)
