@@ -186,17 +186,9 @@ class BitLM:
 
     def decode(self, out: np.ndarray, text: TextCodec) -> list[tuple[DecodedText, str]]:
         """Rows [B, 2, T] (ids, status) -> text of the generated and given positions."""
-        import numpy as np
+        from bitgen.sampling.block_rows import decode_block_rows
 
-        from bitgen.sampling.bitlm_sampler import NOT_GENERATED
-        from bitgen.textcodec import DecodedText
-
-        rows = []
-        for ids, status in np.asarray(out):
-            kept = ids[status != NOT_GENERATED]
-            rows.append((DecodedText(text.decode_ids(kept), tuple(int(i) for i in kept),
-                                     int(np.sum(status == 1))), ""))
-        return rows
+        return decode_block_rows(out, text)
 
     def settings(self, sampler_cfg: Any, *, options: BitLMOptions, temperature: float,
                  top_p: float) -> dict[str, Any]:

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from bitgen.nn.bitlm import BitLMConfig, backbone_extend, head_predict, init_backbone_cache, slot_logits
+from bitgen.sampling.block_rows import NOT_GENERATED, block_status
 
 POLICIES = ("max_correlation", "sign_nearest")
-NOT_GENERATED = 2
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,10 @@ def bitlm_sample(params: dict, key: jax.Array, prompt: jax.Array, known: jax.Arr
             drawn, invalid = _diffusion_block(params, key_b, states, given, code_table[given_ids],
                                               code_table, cfg=cfg, opts=opts)
         block_ids = jnp.where(given, given_ids, drawn)
-        stops = (~given) & (block_ids == opts.stop_id)
-        after_stop = (jnp.cumsum(stops, axis=1) - stops) > 0
-        block_status = jnp.where(done[:, None] | after_stop, NOT_GENERATED,
-                                 (invalid & ~given).astype(jnp.int32))
+        status_b, stopped = block_status(block_ids, given, invalid, done, opts.stop_id)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, block_ids, start, axis=1)
-        status = jax.lax.dynamic_update_slice_in_dim(status, block_status, start, axis=1)
-        done = done | jnp.any(stops, axis=1)
+        status = jax.lax.dynamic_update_slice_in_dim(status, status_b, start, axis=1)
+        done = done | stopped
         states, cache = backbone_extend(params, cache, block_ids, cfg=cfg, with_start=False)
         return b + 1, ids, status, done, states, cache
 

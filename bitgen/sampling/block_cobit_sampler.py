@@ -31,8 +31,8 @@ from bitgen.nn.block_sdt import append_clean, block_residual, init_block_cache
 from bitgen.sampling.samplers import integrate
 from bitgen.sampling.settings import SamplerSettings
 from bitgen.sampling.steps import initial_state
+from bitgen.sampling.block_rows import NOT_GENERATED, block_status
 
-NOT_GENERATED = 2
 POSITIONWISE_POLICIES = ("modulo", "nearest")  # codec rules that decode each token on its own
 
 
@@ -107,15 +107,12 @@ def block_cobit_sample(params, key: jax.Array, prompt_bits: jax.Array, known: ja
                          block_denoiser(cache, cfg=cfg, block_tokens=m), cond=cond,
                          key_churn=k_churn).bits
         block_ids, invalid = decode_block(bits, codec)
-        stops = (~given) & (block_ids == opts.stop_id)
-        after_stop = (jnp.cumsum(stops, axis=1) - stops) > 0
-        block_status = jnp.where(done[:, None] | after_stop, NOT_GENERATED,
-                                 (invalid & ~given).astype(jnp.int32))
+        status_b, stopped = block_status(block_ids, given, invalid, done, opts.stop_id)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, block_ids, b * m, axis=1)
-        status = jax.lax.dynamic_update_slice_in_dim(status, block_status, b * m, axis=1)
+        status = jax.lax.dynamic_update_slice_in_dim(status, status_b, b * m, axis=1)
         clean = codec.ids_to_bits(block_ids.astype(jnp.uint32))
         cache = append_clean(params, cache, clean, cfg=cfg, block_tokens=m, clean_sigma=opts.clean_sigma)
-        return b + 1, ids, status, done | jnp.any(stops, axis=1), cache
+        return b + 1, ids, status, done | stopped, cache
 
     def running(carry):
         b, _, _, done, _ = carry
