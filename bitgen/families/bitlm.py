@@ -115,10 +115,9 @@ class BitLM:
     sweeps_sampler = False
 
     def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
-        if text.codec.width != cfg.model.patch_size:
-            raise ConfigError(f"the codec gives {text.codec.width} bits per token but "
-                              f"model.patch_size={cfg.model.patch_size}; "
-                              f"set model.patch_size={text.codec.width}")
+        from bitgen.families.cobit import check_code_width
+
+        check_code_width(cfg, text)
 
     def task(self, cfg: ExperimentConfig, vocab_size: int | None) -> Task:
         from bitgen.nn import bitlm

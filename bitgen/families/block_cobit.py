@@ -61,9 +61,9 @@ class BlockCoBit:
     sweeps_sampler = True
 
     def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
-        if text.codec.width != cfg.model.patch_size:
-            raise ConfigError(f"the codec gives {text.codec.width} bits per token but "
-                              f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
+        from bitgen.families.cobit import check_code_width
+
+        check_code_width(cfg, text)
         if text.codec.policy not in CODE_POLICIES:
             raise ConfigError(f"data.code_policy={text.codec.policy!r}: block CoBit decodes each block "
                               f"token by token; set data.code_policy to one of {CODE_POLICIES}")

@@ -22,6 +22,15 @@ class MissingTableError(BitgenError, RuntimeError):
     """The entropic σ-grid was asked for but the model has no entropy table."""
 
 
+def check_code_width(cfg: Any, text: TextCodec) -> None:
+    """Raise ConfigError unless ``model.patch_size`` is the codec's bits per token (every family
+    that generates the codes CoBit diffuses: CoBit, BitLM, block CoBit)."""
+    if text.codec.width != cfg.model.patch_size:
+        raise ConfigError(
+            f"the tokenizer/codec gives {text.codec.width} bits per token but "
+            f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
+
+
 def check_table(model: Any, sampler_cfg: SamplerConfig) -> None:
     """Raise MissingTableError when ``sampler_cfg`` asks for the entropic grid and the loaded
     ``model`` has no entropy table."""
@@ -39,10 +48,7 @@ class CoBit:
     guides = True
 
     def check(self, cfg: ExperimentConfig, text: TextCodec) -> None:
-        if text.codec.width != cfg.model.patch_size:
-            raise ConfigError(
-                f"the tokenizer/codec gives {text.codec.width} bits per token but "
-                f"model.patch_size={cfg.model.patch_size}; set model.patch_size={text.codec.width}")
+        check_code_width(cfg, text)
 
     def task(self, cfg: ExperimentConfig, vocab_size: int | None = None) -> Task:
         import jax.numpy as jnp
