@@ -25,6 +25,7 @@ import os
 import sys
 
 from bitgen.errors import BitgenError
+from bitgen.host_memory import keep_freed_host_memory
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -67,6 +68,7 @@ def _not_an_abandoned_orbax_task(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_host_memory()  # before JAX starts its CPU threads (see bitgen.host_memory)
     top = argparse.ArgumentParser(
         prog="bitgen",
         description=__doc__.splitlines()[0],

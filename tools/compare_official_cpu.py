@@ -42,6 +42,7 @@ from bitgen.bench.flops import train_step_flops
 from bitgen.bench.programs import train_step_program, trunk_config
 from bitgen.bench.timing import backend_info, load_average, matmul_program
 from bitgen.config import DiffusionConfig, ModelConfig
+from bitgen.host_memory import keep_freed_host_memory
 
 MATMUL_SIZE = 2048
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
+    keep_freed_host_memory()  # as the bitgen command does; torch allocates through glibc too
     report = compare(args.official.resolve(), args.batch, args.reps, args.trunk)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -7,8 +7,9 @@
    one large batch; metrics are per global step).
 3. clip + AdamW update, EMA update.
 4. The per-row outputs (CoBit: (sigma, per-sample MSE)) update the schedule state.
-5. A non-finite loss or gradient leaves the state unchanged and sets ``metrics['finite']=False``,
-   so a NaN never reaches a checkpoint; the loop stops with an error naming the step.
+5. A non-finite loss or gradient leaves the state unchanged (3-4 run in a ``lax.cond`` branch) and
+   sets ``metrics['finite']=False``, so a NaN never reaches a checkpoint; the loop stops with an
+   error naming the step.
 """
 
 from __future__ import annotations
@@ -116,40 +117,46 @@ def make_train_step(
         def split(x):
             return constrain(_split_micro(x, accum))
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, (losses, (micro_metrics, per_row)) = jax.lax.scan(
-            micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond),
-                                jax.tree.map(split, extras)),
-        )
-        # Equal-size micro-batches: the mean of micro-batch means is the full-batch mean.
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
-        loss = jnp.mean(losses)
-        per_row = jax.tree.map(_merge_micro, per_row)
+        if accum == 1:
+            # What the scan below computes for one micro-batch, without the loop and without a
+            # zero-filled gradient buffer the size of the parameters.
+            (loss, (micro_metrics, per_row)), grads = grad_fn(
+                state.params, inputs, cond, jax.random.fold_in(loss_key, 0), **extras)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grad_sum, (losses, (micro_metrics, per_row)) = jax.lax.scan(
+                micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond),
+                                    jax.tree.map(split, extras)),
+            )
+            # Equal-size micro-batches: the mean of micro-batch means is the full-batch mean.
+            grads = jax.tree.map(lambda g: g / accum, grad_sum)
+            loss = jnp.mean(losses)
+            per_row = jax.tree.map(_merge_micro, per_row)
+            micro_metrics = jax.tree.map(jnp.mean, micro_metrics)
         grad_norm = optax.tree.norm(grads)
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_step = state.step + 1
-        updated = state.replace(
-            step=new_step,
-            params=params,
-            opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, cfg.optim.ema_decay),
-            schedule=fns.update_schedule(state.schedule, cond, per_row, new_step),
-        )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Keep the previous state on a non-finite step. The key never changes, so it is carried
-        # over as is (select on typed keys is not needed).
-        kept = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            updated.replace(rng=None),
-            state.replace(rng=None),
-        ).replace(rng=state.rng)
+
+        def update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            new_step = state.step + 1
+            return state.replace(
+                step=new_step,
+                params=params,
+                opt_state=opt_state,
+                ema_params=ema_update(state.ema_params, params, cfg.optim.ema_decay),
+                schedule=fns.update_schedule(state.schedule, cond, per_row, new_step),
+            )
+
+        # A non-finite step keeps the previous state. A branch (not a select over the whole
+        # state) lets XLA update the donated buffers in place: the select read every buffer twice
+        # and copied the optimizer state (0.46 -> 0.25 s for CoBit-S's update on 2 CPU cores).
+        kept = jax.lax.cond(finite, update, lambda state: state, state)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr_at(state.step),
-            **jax.tree.map(jnp.mean, micro_metrics),
+            **micro_metrics,
             **fns.cond_metrics(cond),
             "finite": finite,
         }
