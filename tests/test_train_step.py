@@ -14,6 +14,8 @@ import train_standins as si
 from bitgen.config import MeshConfig, OptimConfig
 from bitgen.parallel import make_mesh
 from bitgen.train.optim import ema_update, learning_rate_schedule
+from bitgen.train.state import TrainState
+from bitgen.train.step import unless_finite_keep
 
 
 def run(cfg, *, n_steps=3, devices=None, fns=None, batches=None):
@@ -101,6 +103,22 @@ def test_non_finite_loss_keeps_the_previous_state():
     after = jax.device_get(state)
     for a, b in zip(jax.tree.leaves(after.replace(rng=None)), jax.tree.leaves(before.replace(rng=None))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["branch", "select"])
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_guard_keeps_the_state_unless_the_step_is_finite(branch, finite):
+    state = TrainState(step=jnp.int32(3), rng=jax.random.key(1), params={"w": jnp.arange(3.0)},
+                       opt_state=(jnp.ones(3),), ema_params={"w": jnp.zeros(3)}, schedule={})
+
+    def update(s):
+        return s.replace(step=s.step + 1, params={"w": s.params["w"] * 2}, opt_state=(s.opt_state[0] + 1,))
+
+    got = jax.jit(lambda f, s: unless_finite_keep(f, update, s, branch=branch))(jnp.bool_(finite), state)
+    want = update(state) if finite else state
+    for a, b in zip(jax.tree.leaves(got.replace(rng=None)), jax.tree.leaves(want.replace(rng=None))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(state.rng))
 
 
 def test_learning_rate_schedule_shape():

@@ -29,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -142,16 +143,19 @@ def _compiled_callable(program):
     return run
 
 
-def time_round_robin(programs: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall seconds of each zero-argument callable, called round-robin; warm-up rounds dropped."""
-    times = {name: [] for name in programs}
+def time_round_robin(programs: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Wall seconds and page faults (minor) of each zero-argument callable, called round-robin;
+    warm-up rounds dropped."""
+    times, faults = {name: [] for name in programs}, {name: [] for name in programs}
     for round_index in range(warmup + reps):
         for name, run in programs.items():
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             run()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return times
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    return times, faults
 
 
 def compare(official: Path, batch: int, reps: int, trunk: str = "cobit-s") -> dict:
@@ -174,12 +178,13 @@ def compare(official: Path, batch: int, reps: int, trunk: str = "cobit-s") -> di
     programs["official_nosc"] = official_step(model_class, cfg, bits, self_condition=False)
     programs["matmul"] = _compiled_callable(matmul_program(MATMUL_SIZE, "float32", chain))
     load_before = load_average()
-    times = time_round_robin(programs, reps)
+    times, faults = time_round_robin(programs, reps)
     tokens = batch * cfg.seq_tokens
     rows = {}
     for name, samples in times.items():
         median = statistics.median(samples)
         rows[name] = {"median_s": median, "times_s": [round(t, 4) for t in samples],
+                      "page_faults": faults[name],
                       "flops_per_step": flops[name], "flops_per_s": flops[name] / median,
                       "tokens_per_s": tokens / median if name != "matmul" else None}
     bitgen_rate, chain_rate = rows["bitgen"]["flops_per_s"], rows["matmul"]["flops_per_s"]
@@ -198,16 +203,19 @@ def compare(official: Path, batch: int, reps: int, trunk: str = "cobit-s") -> di
 
 def summary(report: dict) -> str:
     """A Markdown table of the report."""
-    lines = ["| program | s/step | tokens/s | GFLOP/step | GFLOP/s |", "|---|---|---|---|---|"]
+    lines = ["| program | s/step | tokens/s | GFLOP/step | GFLOP/s | page faults/step |",
+             "|---|---|---|---|---|---|"]
     for name, row in report["programs"].items():
         tokens = "" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.1f}"
         lines.append(f"| {name} | {row['median_s']:.3f} | {tokens} | "
-                     f"{row['flops_per_step'] / 1e9:.1f} | {row['flops_per_s'] / 1e9:.1f} |")
+                     f"{row['flops_per_step'] / 1e9:.1f} | {row['flops_per_s'] / 1e9:.1f} | "
+                     f"{int(statistics.median(row['page_faults'])):,} |")
     lines.append(f"\nbitgen / official (no SC) FLOP/s: {report['ratio_vs_official_nosc']:.2f}x; "
                  f"bitgen / official (SC) FLOP/s: {report['ratio_vs_official_sc']:.2f}x; "
                  f"bitgen / matmul chain: {report['fraction_of_matmul_chain']:.1%}")
     lines.append(f"threads: torch {report['torch_threads']}, CPUs in affinity "
-                 f"{report['cpu_affinity']}, XLA_FLAGS={report['machine']['xla_flags']!r}; "
+                 f"{report['cpu_affinity']}, XLA_FLAGS={report['machine']['xla_flags']!r}, "
+                 f"host malloc {report['machine']['host_malloc']}; "
                  f"load average before/after {report['load_average_before_after']}")
     return "\n".join(lines)
 
