@@ -15,7 +15,6 @@ thing; library users call it before their first JAX computation.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
@@ -72,7 +71,7 @@ def _apply() -> str:
     if not _runs_on_cpu():
         return "accelerator"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: its C library among them
         libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl and others lack it)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
