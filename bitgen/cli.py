@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bitgen.bench.cli", "measure throughput, sampler overhead and head memory"),
 }
 
+# Commands that run compiled programs step after step: the ones bitgen.host_memory speeds up.
+# The others (data: multi-threaded tokenisation; convert, export) keep glibc's arenas.
+STEPPING_COMMANDS = frozenset({"train", "sample", "eval", "demo", "bench"})
+
 
 def _drop_closed_loop_noise(hook):
     """``sys.unraisablehook`` without the leftovers of a failed orbax restore: the read coroutines
@@ -74,7 +78,6 @@ def _not_an_abandoned_orbax_task(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    keep_freed_host_memory()  # before JAX starts its CPU threads (see bitgen.host_memory)
     top = argparse.ArgumentParser(
         prog="bitgen",
         description=__doc__.splitlines()[0],
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 0 if argv else 2
     command = top.parse_args(argv[:1]).command
+    if command in STEPPING_COMMANDS:
+        keep_freed_host_memory()  # before JAX starts its CPU threads (see bitgen.host_memory)
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"bitgen {command}", description=help_text)

@@ -4,8 +4,9 @@ XLA:CPU allocates each call's temporary buffer afresh (for CoBit-S's train step 
 1.14 GB). glibc serves such a block with ``mmap`` and returns it with ``munmap``, so every step
 faults in all its pages again: 278,000 page faults per step, about 10% of the step on 2 cores.
 With one malloc arena, no ``mmap`` for large blocks and no trimming, glibc keeps the freed block
-and the next step reuses it (0 faults per step). The price: the process keeps its peak resident
-memory until it exits, as caching allocators do.
+and the next step reuses it. The price: freed memory stays with the process until it exits, and
+the heap can grow past the peak when small allocations split a free block (see
+docs/benchmarks.md for the measured resident memory).
 
 ``keep_freed_host_memory()`` applies this on CPU-only JAX installs (or ``JAX_PLATFORMS=cpu``) with
 glibc; ``BITGEN_HOST_MALLOC=system`` keeps glibc's defaults. The ``bitgen`` command calls it first
@@ -19,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import sys
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -42,6 +44,15 @@ def _accelerator_plugins() -> list[str]:
     return names
 
 
+def _jax_started() -> bool:
+    """Whether JAX has created its backends (and with them the threads that allocate)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # noqa: PLC0415 (only when jax is already imported)
+
+    return xla_bridge.backends_are_initialized()
+
+
 def _runs_on_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
@@ -52,8 +63,10 @@ def _runs_on_cpu() -> bool:
 def keep_freed_host_memory() -> str:
     """Tell glibc to keep freed memory for reuse when JAX runs on the CPU; return what was done.
 
-    Returns "applied", or why not: "opted out", "accelerator", "not glibc" (another C library,
-    macOS, Windows), "refused" (``mallopt`` returned 0). Safe to call more than once.
+    Returns "applied", or why not: "opted out", "accelerator", "too late" (JAX already started
+    its backends: their threads keep the arenas they have), "not glibc" (another C library,
+    macOS, Windows), "refused" (``mallopt`` returned 0). Safe to call more than once. A
+    preloaded allocator (jemalloc, tcmalloc) makes the call a no-op that still says "applied".
     """
     global _last
     _last = _apply()
@@ -70,11 +83,15 @@ def _apply() -> str:
         return "opted out"
     if not _runs_on_cpu():
         return "accelerator"
+    if _jax_started():
+        return "too late"
+    if not sys.platform.startswith("linux"):
+        return "not glibc"
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols: its C library among them
         libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl and others lack it)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return "not glibc"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = all(mallopt(param, value) for param, value in (

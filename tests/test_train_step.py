@@ -4,6 +4,7 @@ determinism, optimizer schedule and EMA semantics."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,11 @@ import train_standins as si
 
 from bitgen.config import MeshConfig, OptimConfig
 from bitgen.parallel import make_mesh
+from bitgen.train import program as train_program
+from bitgen.train import step as train_step
 from bitgen.train.optim import ema_update, learning_rate_schedule
 from bitgen.train.state import TrainState
-from bitgen.train.step import unless_finite_keep
+from bitgen.train.step import update_if_finite
 
 
 def run(cfg, *, n_steps=3, devices=None, fns=None, batches=None):
@@ -88,7 +91,11 @@ def test_gradient_accumulation_equals_large_batch():
     np.testing.assert_allclose(state_one.schedule["buffer"], state_four.schedule["buffer"], rtol=1e-5)
 
 
-def test_non_finite_loss_keeps_the_previous_state():
+@pytest.mark.parametrize("branch", [True, False], ids=["branch", "select"])
+def test_non_finite_loss_keeps_the_previous_state(branch, monkeypatch):
+    # Both guards on the 8-device mesh: the step takes the branch on CPU, the select elsewhere.
+    monkeypatch.setattr(train_program, "make_train_step",
+                        functools.partial(train_step.make_train_step, guard_branch=branch))
     cfg = si.config(mesh=MeshConfig(data=8))
 
     def nan_loss(params, bits, sigma, key):
@@ -114,7 +121,7 @@ def test_the_guard_keeps_the_state_unless_the_step_is_finite(branch, finite):
     def update(s):
         return s.replace(step=s.step + 1, params={"w": s.params["w"] * 2}, opt_state=(s.opt_state[0] + 1,))
 
-    got = jax.jit(lambda f, s: unless_finite_keep(f, update, s, branch=branch))(jnp.bool_(finite), state)
+    got = jax.jit(lambda f, s: update_if_finite(f, update, s, branch=branch))(jnp.bool_(finite), state)
     want = update(state) if finite else state
     for a, b in zip(jax.tree.leaves(got.replace(rng=None)), jax.tree.leaves(want.replace(rng=None))):
         np.testing.assert_array_equal(a, b)

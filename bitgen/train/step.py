@@ -3,12 +3,12 @@
 ``train_step(state, batch) -> (state, metrics)``:
 1. key_k = fold_in(state.rng, step); per-row conditioning (CoBit: sigma [B]) drawn from the
    schedule state.
-2. loss/grads over ``optim.grad_accum`` micro-batches (a lax.scan summing grads: the same update as
-   one large batch; metrics are per global step).
+2. loss/grads over ``optim.grad_accum`` micro-batches (more than one: a lax.scan summing grads, the
+   same update as one large batch; metrics are per global step).
 3. clip + AdamW update, EMA update.
 4. The per-row outputs (CoBit: (sigma, per-sample MSE)) update the schedule state.
-5. A non-finite loss or gradient leaves the state unchanged (3-4 run in a ``lax.cond`` branch) and
-   sets ``metrics['finite']=False``, so a NaN never reaches a checkpoint; the loop stops with an
+5. A non-finite loss or gradient leaves the state unchanged (on CPU 3-4 run in a ``lax.cond``
+   branch, elsewhere a select keeps the old state) and sets ``metrics['finite']=False``, so a NaN never reaches a checkpoint; the loop stops with an
    error naming the step.
 """
 
@@ -76,14 +76,13 @@ def _merge_micro(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def unless_finite_keep(finite: jax.Array, update: Callable[[TrainState], TrainState],
-                       state: TrainState, *, branch: bool) -> TrainState:
+def update_if_finite(finite: jax.Array, update: Callable[[TrainState], TrainState],
+                     state: TrainState, *, branch: bool) -> TrainState:
     """``update(state)`` if ``finite`` else ``state``, as a ``lax.cond`` branch or a select.
 
-    The train step takes the branch on CPU: XLA then updates the donated buffers in place and reads each
-    once, where a select over the whole state read every buffer twice and copied the optimizer
-    state (CoBit-S's update on 2 cores: 0.46 -> 0.25 s). On accelerators a select: a branch would
-    make the host wait for the predicate before it can launch the update (not measured there).
+    The branch lets XLA:CPU update the donated buffers in place, reading each once; a select reads
+    every buffer twice and copies the optimizer state (docs/benchmarks.md). On accelerators a
+    branch would make the host wait for the predicate before it launches the update.
     """
     if branch:
         return jax.lax.cond(finite, update, lambda state: state, state)
@@ -101,9 +100,17 @@ def make_train_step(
     tx: optax.GradientTransformation,
     fns: StepFns,
     mesh: Mesh | None = None,
+    guard_branch: bool | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The unjitted pure step for ``cfg`` (see ``jit_train_step`` for the sharded version)."""
+    """The unjitted pure step for ``cfg`` (see ``jit_train_step`` for the sharded version).
+
+    guard_branch: keep the state on a non-finite step with a branch (see ``update_if_finite``);
+    default: when the mesh's devices (else the default backend) are CPUs.
+    """
     accum = cfg.optim.grad_accum
+    if guard_branch is None:
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        guard_branch = platform == "cpu"
     lr_at = learning_rate_schedule(cfg.optim, cfg.train.steps)
     micro_sharding = (
         None if mesh is None
@@ -152,7 +159,7 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / accum, grad_sum)
             loss = jnp.mean(losses)
             per_row = jax.tree.map(_merge_micro, per_row)
-            micro_metrics = jax.tree.map(jnp.mean, micro_metrics)
+        micro_metrics = jax.tree.map(jnp.mean, micro_metrics)  # over micro-batches (a no-op for one)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -168,7 +175,7 @@ def make_train_step(
                 schedule=fns.update_schedule(state.schedule, cond, per_row, new_step),
             )
 
-        kept = unless_finite_keep(finite, update, state, branch=jax.default_backend() == "cpu")
+        kept = update_if_finite(finite, update, state, branch=guard_branch)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
