@@ -11,10 +11,6 @@ if "xla_force_host_platform_device_count" not in flags:
 
 from pathlib import Path  # noqa: E402
 
-from bitgen.host_memory import keep_freed_host_memory  # noqa: E402
-
-keep_freed_host_memory()  # as the bitgen command does, before JAX starts its CPU threads
-
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
