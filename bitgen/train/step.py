@@ -8,8 +8,8 @@
 3. clip + AdamW update, EMA update.
 4. The per-row outputs (CoBit: (sigma, per-sample MSE)) update the schedule state.
 5. A non-finite loss or gradient leaves the state unchanged (on CPU 3-4 run in a ``lax.cond``
-   branch, elsewhere a select keeps the old state) and sets ``metrics['finite']=False``, so a NaN never reaches a checkpoint; the loop stops with an
-   error naming the step.
+   branch, elsewhere a select keeps the old state) and sets ``metrics['finite']=False``, so a
+   NaN never reaches a checkpoint; the loop stops with an error naming the step.
 """
 
 from __future__ import annotations
