@@ -66,7 +66,7 @@ _UNRETRIEVED = re.compile(r"^\w+ exception was never retrieved")  # Task, Future
 _CHECKPOINT_READ = (f"{os.sep}orbax{os.sep}", "TensorStore", "OCDBT")
 
 
-def _not_an_abandoned_orbax_task(record: logging.LogRecord) -> bool:
+def _not_an_abandoned_checkpoint_read(record: logging.LogRecord) -> bool:
     """``asyncio`` logger filter: False for "... exception was never retrieved" about an orbax or
     TensorStore read (a task, a future or a gathering of them). asyncio logs these (not through
     ``sys.unraisablehook``) whenever the garbage collector reaches a read orbax abandoned after a
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv[1:])
     if not os.environ.get("BITGEN_TRACEBACK"):
         sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
-        logging.getLogger("asyncio").addFilter(_not_an_abandoned_orbax_task)
+        logging.getLogger("asyncio").addFilter(_not_an_abandoned_checkpoint_read)
     try:
         return int(module.run(args) or 0)
     except BitgenError as err:

@@ -9,8 +9,9 @@ the heap can grow past the peak when small allocations split a free block (see
 docs/benchmarks.md for the measured resident memory).
 
 ``keep_freed_host_memory()`` applies this on CPU-only JAX installs (or ``JAX_PLATFORMS=cpu``) with
-glibc; ``BITGEN_HOST_MALLOC=system`` keeps glibc's defaults. The ``bitgen`` command calls it first
-thing; library users call it before their first JAX computation.
+glibc; ``BITGEN_HOST_MALLOC=system`` keeps glibc's defaults. The ``bitgen`` commands that run
+programs step after step call it before JAX starts; library users call it before their first JAX
+computation (afterwards it does nothing and says "too late").
 """
 
 from __future__ import annotations

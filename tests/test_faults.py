@@ -360,7 +360,7 @@ def test_abandoned_orbax_read_tasks_are_not_logged_and_others_are(tmp_path, capl
     import gc
     import logging
 
-    from bitgen.cli import _not_an_abandoned_orbax_task
+    from bitgen.cli import _not_an_abandoned_checkpoint_read
 
     orbax_module = {}
     exec(compile("async def read():\n    raise ValueError('truncated stream')\n",
@@ -375,7 +375,7 @@ def test_abandoned_orbax_read_tasks_are_not_logged_and_others_are(tmp_path, capl
         return future
 
     logger = logging.getLogger("asyncio")
-    logger.addFilter(_not_an_abandoned_orbax_task)
+    logger.addFilter(_not_an_abandoned_checkpoint_read)
     try:
         with caplog.at_level(logging.ERROR, logger="asyncio"):
             loop = asyncio.new_event_loop()
@@ -389,7 +389,7 @@ def test_abandoned_orbax_read_tasks_are_not_logged_and_others_are(tmp_path, capl
             del tasks
             gc.collect()
     finally:
-        logger.removeFilter(_not_an_abandoned_orbax_task)
+        logger.removeFilter(_not_an_abandoned_checkpoint_read)
     reports = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert len(reports) == 2, reports
     task, future = sorted(reports, reverse=True)  # the garbage collector's order varies

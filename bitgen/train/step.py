@@ -134,22 +134,22 @@ def make_train_step(
 
         extras = {k: batch[k] for k in fns.optional_inputs if k in batch}
 
-        def micro_step(grad_sum, xs):
-            index, inputs_mb, cond_mb, extras_mb = xs
-            (loss, aux), grads = grad_fn(state.params, inputs_mb, cond_mb,
-                                         jax.random.fold_in(loss_key, index), **extras_mb)
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return grad_sum, (loss, aux)
-
-        def split(x):
-            return constrain(_split_micro(x, accum))
-
         if accum == 1:
             # What the scan below computes for one micro-batch, without the loop and without a
             # zero-filled gradient buffer the size of the parameters.
             (loss, (micro_metrics, per_row)), grads = grad_fn(
                 state.params, inputs, cond, jax.random.fold_in(loss_key, 0), **extras)
         else:
+            def micro_step(grad_sum, xs):
+                index, inputs_mb, cond_mb, extras_mb = xs
+                (loss, aux), grads = grad_fn(state.params, inputs_mb, cond_mb,
+                                             jax.random.fold_in(loss_key, index), **extras_mb)
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return grad_sum, (loss, aux)
+
+            def split(x):
+                return constrain(_split_micro(x, accum))
+
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grad_sum, (losses, (micro_metrics, per_row)) = jax.lax.scan(
                 micro_step, zeros, (jnp.arange(accum), split(inputs), jax.tree.map(split, cond),
