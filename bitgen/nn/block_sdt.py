@@ -33,7 +33,8 @@ from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.diffusion.denoiser import combine_logits, denoised_mean
 from bitgen.diffusion.loss import loss_from_logits
 from bitgen.nn.attention import Attention, KVCache, init_cache, segment_mask
-from bitgen.nn.layers import Dropout, SwiGLU, constrain, dense, layer_norm, xavier_uniform, zeros
+from bitgen.nn.layers import (Dropout, SwiGLU, constrain, dense, layer_norm, residual_cotangent_once,
+                              xavier_uniform, zeros)
 from bitgen.nn.sdt import positional_features, sigma_frequencies, swiglu_hidden
 
 Array = jax.Array
@@ -70,6 +71,7 @@ class BlockLayer(nn.Module):
                  positions: Array | None, mask: Array | None) -> tuple[Array, KVCache | None]:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         drop = Dropout(cfg.dropout, deterministic=not self.train)
+        x = residual_cotangent_once(x)
         h, gate = LevelAdaLN(cfg.embed_dim, dtype=dtype, name="adaln1")(x, t_emb, index)
         y, cache = Attention(cfg.n_heads, block_size=self.block_size, dropout=cfg.dropout,
                              rope_base=cfg.rope_base, implementation=cfg.attention, dtype=dtype,

@@ -166,6 +166,43 @@ class Dropout(nn.Module):
         return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
+@jax.custom_vjp
+def _cotangent_once(x: Array) -> Array:
+    return x
+
+
+def _cotangent_once_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _cotangent_once_bwd(_, cotangent: Array) -> tuple[Array]:
+    # One element written back onto itself: an in-place update of the whole cotangent.
+    first = (jnp.zeros((1,), jnp.int32),) * cotangent.ndim
+    return (cotangent.at[first].set(cotangent[first]),)
+
+
+_cotangent_once.defvjp(_cotangent_once_fwd, _cotangent_once_bwd)
+
+
+def residual_cotangent_once(x: Array) -> Array:
+    """Identity on a residual stream x [B, T, E]; on one CPU device its cotangent is summed once.
+
+    A residual stream's cotangent is a sum over every later block's contributions. XLA:CPU fuses
+    cheap adds into each consumer instead of writing the sum, so a block 12 deep in the backward
+    pass re-adds about 50 arrays in each of its consumers, and in the transposed copies that feed
+    the weight gradients it reads them column by column (up to 20 ms for a [512, 768] copy). The
+    backward pass here writes one element of the cotangent back onto itself: the values are
+    unchanged bit for bit, and XLA:CPU compiles the write as an in-place dynamic-update-slice,
+    whose operand it must first write to memory, so the sum is computed once.
+    Applied only on a single CPU device (no mesh, or a mesh of one); elsewhere x is returned as
+    is (accelerators were not measured, and a scatter into a sharded array would need gathers).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+        return x
+    return _cotangent_once(x)
+
+
 class SwiGLU(nn.Module):
     """``Wo(Dropout(Wa(h) * SiLU(Wb(h))))`` with biases; names mirror the reference."""
 

@@ -21,7 +21,8 @@ import numpy as np
 from bitgen.config import ModelConfig
 from bitgen.diffusion.bit_constants import DATA_CENTER, SIGMA_DATA
 from bitgen.nn.attention import Attention
-from bitgen.nn.layers import AdaLNZero, Dropout, SwiGLU, constrain, dense, xavier_uniform
+from bitgen.nn.layers import (AdaLNZero, Dropout, SwiGLU, constrain, dense, residual_cotangent_once,
+                              xavier_uniform)
 
 Array = jax.Array
 
@@ -78,6 +79,7 @@ class SDTBlock(nn.Module):
     def __call__(self, x: Array, t_emb: Array) -> Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         drop = Dropout(cfg.dropout, deterministic=not self.train)
+        x = residual_cotangent_once(x)
         h, gate = AdaLNZero(cfg.embed_dim, dtype=dtype, name="adaln1")(x, t_emb)
         y, _ = Attention(cfg.n_heads, dropout=cfg.dropout, rope_base=cfg.rope_base,
                          implementation=cfg.attention, dtype=dtype, name="attn")(h, train=self.train)
