@@ -1,9 +1,10 @@
 """``residual_cotangent_once``: an identity whose backward pass XLA:CPU cannot fuse away.
 
-The backward pass writes one element of the cotangent back onto itself, so every value (forward
-and gradient) must equal the plain function's bit for bit: no tolerance applies. What the
-function is for shows in the compiled program: an in-place dynamic-update-slice (XLA's form of
-the one-element scatter) whose operand, the cotangent sum, is computed once.
+The tangent map writes one element back onto itself and its transpose zeroes that element of the
+cotangent and adds it back, so every value (forward, tangent, cotangent) must equal the plain
+function's exactly (x + 0 = x; np.array_equal treats -0.0 and +0.0 as equal): no tolerance
+applies. What the function is for shows in the compiled program: an in-place
+dynamic-update-slice on the cotangent sum, which XLA must therefore compute once.
 """
 
 from __future__ import annotations
@@ -39,14 +40,16 @@ def _grad(barrier):
 
 @settings(max_examples=10, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 2**16))
-def test_forward_and_vjp_are_the_identity_bit_for_bit(shape, seed):
+def test_forward_jvp_and_vjp_are_the_identity_bit_for_bit(shape, seed):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    vector = jnp.asarray(rng.normal(size=shape), jnp.float32)
     y, vjp = jax.jit(lambda t: jax.vjp(residual_cotangent_once, t))(x)
-    (back,) = jax.jit(vjp)(cotangent)
+    (back,) = jax.jit(vjp)(vector)
+    _, forward = jax.jit(lambda t, v: jax.jvp(residual_cotangent_once, (t,), (v,)))(x, vector)
     assert np.array_equal(np.asarray(y), np.asarray(x))
-    assert np.array_equal(np.asarray(back), np.asarray(cotangent))
+    assert np.array_equal(np.asarray(back), np.asarray(vector))
+    assert np.array_equal(np.asarray(forward), np.asarray(vector))
 
 
 @settings(max_examples=10, deadline=None)
@@ -75,7 +78,7 @@ def test_the_backward_pass_updates_the_cotangent_in_place_on_one_cpu_device():
 
 
 def _has_barrier(x) -> bool:
-    return "custom_vjp" in str(jax.make_jaxpr(residual_cotangent_once)(x))
+    return "custom_jvp" in str(jax.make_jaxpr(residual_cotangent_once)(x))
 
 
 def test_on_a_mesh_of_several_devices_it_is_the_identity():
@@ -87,6 +90,7 @@ def test_on_a_mesh_of_several_devices_it_is_the_identity():
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
         assert _has_barrier(x)
     assert _has_barrier(x)
+    assert not _has_barrier(jnp.ones(())) and not _has_barrier(jnp.ones((0, 3)))
 
 
 def test_every_sdt_block_updates_its_residual_cotangent_in_place(monkeypatch):
@@ -103,8 +107,22 @@ def test_every_sdt_block_updates_its_residual_cotangent_in_place(monkeypatch):
         loss = lambda p: jnp.sum(residual_logits(p, x_t, sigma, jnp.zeros_like(x_t), cfg=SMALL,
                                                  key=jax.random.key(2), train=True) ** 2)
         text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-        return set(re.findall(r"dynamic-update-slice.*/(blocks_\d+)/scatter", text))
+        return set(re.findall(r"dynamic-update-slice\(.*/(blocks_\d+)/dynamic_update_slice", text))
 
     assert blocks_updating_in_place() == {f"blocks_{i}" for i in range(SMALL.n_blocks)}
     monkeypatch.setattr(sdt, "residual_cotangent_once", lambda x: x)
     assert blocks_updating_in_place() == set()
+
+
+def test_forward_mode_through_the_sdt_works():
+    """Forward mode (the parity tools' jacfwd) goes through the custom JVP."""
+    params = init_params(jax.random.key(0), SMALL)
+    x_t = jnp.zeros((1, SMALL.seq_bits), jnp.float32)
+    sigma = jnp.asarray([0.5], jnp.float32)
+    row = lambda x: residual_logits(params, x, sigma, jnp.zeros_like(x), cfg=SMALL)[0]
+    jacobian = jax.jit(jax.jacfwd(row))(x_t)
+    reverse = jax.jit(jax.jacrev(row))(x_t)
+    assert jacobian.shape == (SMALL.seq_bits, 1, SMALL.seq_bits)
+    # At init every adaLN-Zero gate is closed: f_θ ≡ 0 and the logits are the matched filter's,
+    # elementwise in x, so both Jacobians are exact and must agree bit for bit.
+    assert np.array_equal(np.asarray(jacobian), np.asarray(reverse))

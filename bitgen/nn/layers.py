@@ -166,22 +166,22 @@ class Dropout(nn.Module):
         return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
-@jax.custom_vjp
+def _first_element_rewritten(t: Array) -> Array:
+    """t with its first element written back onto itself: the identity, linear in t."""
+    start = (0,) * t.ndim
+    return jax.lax.dynamic_update_slice(t, jax.lax.dynamic_slice(t, start, (1,) * t.ndim), start)
+
+
+@jax.custom_jvp
 def _cotangent_once(x: Array) -> Array:
     return x
 
 
-def _cotangent_once_fwd(x: Array) -> tuple[Array, None]:
-    return x, None
-
-
-def _cotangent_once_bwd(_, cotangent: Array) -> tuple[Array]:
-    # One element written back onto itself: an in-place update of the whole cotangent.
-    first = (jnp.zeros((1,), jnp.int32),) * cotangent.ndim
-    return (cotangent.at[first].set(cotangent[first]),)
-
-
-_cotangent_once.defvjp(_cotangent_once_fwd, _cotangent_once_bwd)
+@_cotangent_once.defjvp
+def _cotangent_once_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    # Reverse mode transposes this tangent map: the cotangent's first element is zeroed in place
+    # (and added back), an update XLA makes on the cotangent written to memory.
+    return primals[0], _first_element_rewritten(tangents[0])
 
 
 def residual_cotangent_once(x: Array) -> Array:
@@ -191,14 +191,17 @@ def residual_cotangent_once(x: Array) -> Array:
     cheap adds into each consumer instead of writing the sum, so a block 12 deep in the backward
     pass re-adds about 50 arrays in each of its consumers, and in the transposed copies that feed
     the weight gradients it reads them column by column (up to 20 ms for a [512, 768] copy). The
-    backward pass here writes one element of the cotangent back onto itself: the values are
-    unchanged bit for bit, and XLA:CPU compiles the write as an in-place dynamic-update-slice,
-    whose operand it must first write to memory, so the sum is computed once.
-    Applied only on a single CPU device (no mesh, or a mesh of one); elsewhere x is returned as
-    is (accelerators were not measured, and a scatter into a sharded array would need gathers).
+    tangent map here writes the first element back onto itself (a custom JVP, so forward mode
+    works too); its transpose zeroes that element of the cotangent in place and adds it back,
+    and XLA:CPU can update in place only a cotangent written to memory, so the sum is computed
+    once. Values are unchanged (x + 0 = x; a -0.0 in that one element becomes +0.0).
+    Applied only on a single CPU device (no mesh, or a mesh of one) to arrays with elements;
+    elsewhere x is returned as is (accelerators were not measured, and an update of one element
+    of a sharded array would need its shard's owner).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+    if (jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1) or x.ndim == 0
+            or x.size == 0):
         return x
     return _cotangent_once(x)
 
