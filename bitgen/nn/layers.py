@@ -187,17 +187,12 @@ def _cotangent_once_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[
 def residual_cotangent_once(x: Array) -> Array:
     """Identity on a residual stream x [B, T, E]; on one CPU device its cotangent is summed once.
 
-    A residual stream's cotangent is a sum over every later block's contributions. XLA:CPU fuses
-    cheap adds into each consumer instead of writing the sum, so a block 12 deep in the backward
-    pass re-adds about 50 arrays in each of its consumers, and in the transposed copies that feed
-    the weight gradients it reads them column by column (up to 20 ms for a [512, 768] copy). The
-    tangent map here writes the first element back onto itself (a custom JVP, so forward mode
-    works too); its transpose zeroes that element of the cotangent in place and adds it back,
-    and XLA:CPU can update in place only a cotangent written to memory, so the sum is computed
-    once. Values are unchanged (x + 0 = x; a -0.0 in that one element becomes +0.0).
-    Applied only on a single CPU device (no mesh, or a mesh of one) to arrays with elements;
-    elsewhere x is returned as is (accelerators were not measured, and an update of one element
-    of a sharded array would need its shard's owner).
+    XLA:CPU otherwise re-adds every later block's contribution inside each consumer of the
+    cotangent (docs/benchmarks.md, "The residual stream's cotangent"). The custom JVP writes the
+    first element back onto itself; its transpose zeroes that element of the cotangent in place
+    and adds it back, and an in-place update needs the sum in memory. Values are unchanged
+    (signed zeros may become +0.0). Single CPU device only (no mesh, or a mesh of one), arrays
+    with elements; otherwise x is returned as is.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if (jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1) or x.ndim == 0
