@@ -27,7 +27,7 @@ from bitgen.nn.layers import residual_cotangent_once
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="the function acts on a single CPU device only")
 
-SMALL = ModelConfig(patch_size=5, seq_tokens=6, embed_dim=32, n_heads=2, n_blocks=3, dim_ff=48,
+SMALL = ModelConfig(patch_size=5, seq_tokens=6, embed_dim=32, n_heads=2, n_blocks=2, dim_ff=48,
                     content_dim=16, head_hidden=16, dropout=0.1)
 
 
@@ -98,8 +98,11 @@ def _block_cobit_loss(params, key):
                                       clean_sigma=0.002)[0]
 
 
-@pytest.mark.parametrize("module, loss", [(sdt, _sdt_loss), (block_sdt, _block_cobit_loss)],
-                         ids=["sdt", "block_cobit"])
+@pytest.mark.parametrize("module, loss", [
+    pytest.param(sdt, _sdt_loss, id="sdt"),
+    # The same code path in another family: in the slow set, to keep the default suite in budget.
+    pytest.param(block_sdt, _block_cobit_loss, id="block_cobit", marks=pytest.mark.slow),
+])
 def test_every_block_updates_its_residual_cotangent_in_place(monkeypatch, module, loss):
     """The compiled gradient (dropout on) holds one in-place update per block.
 
