@@ -25,7 +25,12 @@ E, H = 16, 2  # width and heads of every module here (head dim 8)
 # Tolerance of float32 comparisons between two orderings of the same arithmetic: each output is a
 # softmax-weighted sum over at most n = 16 keys of values of magnitude |v| <~ 0.5 (inputs N(0, 1),
 # N(0, 0.02) weights of fan-in 16), whose rounding error is bounded by n·u·|v| with u = 2^-24:
-# 16 · 6e-8 · 0.5 ≈ 5e-7 < 1e-6, the bound the old-vs-new comparisons must meet.
+# 16 · 6e-8 · 0.5 ≈ 5e-7. The old RoPE evaluated cos/sin in float32 (XLA's, within a few ulps:
+# |Δcos|, |Δsin| <= 4 · 6e-8 = 2.4e-7 at |cos|, |sin| <= 1), the new one takes float64 values
+# rounded once: each rotated q, k element moves by <= 2 · 2.4e-7 · |q| with |q|, |k| <~ 0.5, a
+# logit q·k/sqrt(8) over D = 8 by <= 8 · 2 · 2.4e-7 · 0.25 / 2.8 ≈ 3.4e-7, an output (a convex
+# combination of |v| <~ 0.5, moved by at most the logit change) by <= 1.7e-7. In all ≈ 6.7e-7
+# < 1e-6, the bound the old-vs-new comparisons must meet.
 TOL = 1e-6
 
 
@@ -274,3 +279,54 @@ def test_dropout_kernel_masks_like_the_fused_kernel(block):
                   static_argnums=2)
     assert_close(run(params, x, True), run(params, x, False))
 
+
+# --------------------------------------------------------------------------------------------------
+# RoPE tables
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.integers(1, 12), extra=st.integers(0, 8), start=st.integers(0, 8), seed=st.integers(0, 99))
+def test_rope_of_traced_positions_equals_rope_of_static_positions(length, extra, start, seed):
+    """The KV-cache path (traced positions gathered from a table over 0..max-1) and the static
+    path (NumPy positions) rotate by the same values, bit for bit."""
+    x = jax.random.normal(jax.random.key(seed), (2, length, H, E // H))
+    positions = start + np.arange(length)
+    static = jax.jit(lambda x: attn.apply_rope(x, positions, 10000.0))(x)
+    traced = jax.jit(lambda x, p: attn.apply_rope(x, p, 10000.0, max_positions=start + length + extra))(
+        x, jnp.asarray(positions))
+    np.testing.assert_array_equal(np.asarray(static), np.asarray(traced))
+    per_row = jax.jit(lambda x: attn.apply_rope(x, np.stack([positions, positions[::-1]]), 10000.0))(x)
+    reversed_ = jax.jit(lambda x: attn.apply_rope(x, positions[::-1], 10000.0))(x)
+    np.testing.assert_array_equal(np.asarray(per_row[0]), np.asarray(static[0]))
+    np.testing.assert_array_equal(np.asarray(per_row[1]), np.asarray(reversed_[1]))
+
+
+def test_rope_table_is_float64_cos_sin_of_float32_angles():
+    positions = np.arange(300)
+    table = attn.rope_table(positions, 8, 10000.0)
+    inv_freq = (np.float32(1) / np.float32(10000.0) ** (np.arange(0, 8, 2, dtype=np.float32) / np.float32(8)))
+    angles = (positions.astype(np.float32)[:, None] * inv_freq).astype(np.float64)
+    # The same float64 values, rounded once to float32: round-to-nearest is within half the
+    # float32 spacing at the result (the spacing below a power of two is half the one above, so
+    # the half-spacing above bounds both sides).
+    for got, want in ((table[0, :, :4], np.cos(angles)), (table[1, :, 4:], np.sin(angles))):
+        assert np.all(np.abs(got.astype(np.float64) - want) <= np.abs(np.spacing(got)) / 2)
+    np.testing.assert_array_equal(table[:, :, :4], table[:, :, 4:])  # [f, f] layout
+
+
+def test_traced_positions_without_a_bound_are_refused():
+    x = jnp.ones((1, 3, H, E // H))
+    with pytest.raises(ValueError, match="max_positions"):
+        jax.jit(lambda p: attn.apply_rope(x, p, 10000.0))(jnp.arange(3))
+
+
+def test_attention_program_evaluates_no_cos_or_sin():
+    """The tables are constants: the compiled attention (with and without a cache) holds no
+    cosine or sine, which XLA:CPU would otherwise evaluate for every rotated element."""
+    module = attn.Attention(H)
+    x = jnp.ones((2, 5, E))
+    params = module.init(jax.random.key(0), x)
+    cache = attn.init_cache(2, 8, H, E // H)
+    for args in ((x,), (x, cache)):
+        text = jax.jit(lambda p, x, c=None: module.apply(p, x, cache=c)).lower(params, *args).compile().as_text()
+        assert "cosine(" not in text and "sine(" not in text

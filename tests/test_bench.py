@@ -53,8 +53,8 @@ def test_forward_flops_agrees_with_xla_cost_analysis():
     #     + the next LayerNorm (mean 1, centre 1, square 1, variance 1, scale 1) + modulation 2 = 10;
     #   head input_adapter output: bias 1 + add of the patch feature 1 + LayerNorm 5
     #     + modulation 2 + gate 1 = 10;
-    #   qkv: bias 1 + RoPE on q, k (2 mul, 1 add, ½ negate) + scale 1 ≤ 6, its cos/sin table
-    #     (T·D/2 mul) < 1; scores: mask/scale 1 + softmax (max, subtract, sum, divide) = 5;
+    #   qkv: bias 1 + RoPE on q, k (2 mul, 1 add, ½ negate) + scale 1 ≤ 6 (its cos/sin table is
+    #     a constant of the program); scores: mask/scale 1 + softmax (max, subtract, sum, divide) = 5;
     #   SwiGLU Wa/Wb: bias 1 + SiLU mul 1 + product 1 ≤ 3; cont_input_proj: bias 1 + centring
     #     and c_in scaling of its 1-wide input 2 = 3; per-sequence σ embedding / adaLN SiLU ≤ 3.
     omitted_per_element = 10

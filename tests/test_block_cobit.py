@@ -3,6 +3,7 @@ the block sampler (prompts, determinism, early stop), and the family end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -328,3 +329,14 @@ def test_a_preempted_block_cobit_run_resumes_exactly(tmp_path):
     train(cfg, cut, resume=True, progress=False)
     assert losses(cut) == losses(tmp_path / "full")
     assert max_param_difference(cut, tmp_path / "full", which="ema_params") == 0.0
+
+
+def test_remat_keeps_the_training_residual():
+    """Under ``model.remat`` the layer's positions are traced: RoPE gathers them from the same
+    constant table, so the residual is the one without remat, bit for bit (as the SDT's)."""
+    sigma = jnp.asarray([[0.05, 1.0], [0.8, 2.0], [6.0, 0.3]])
+    x = _noisy(sigma, T // 2)
+    run = lambda cfg: jax.jit(lambda: block_sdt.training_residual(
+        PARAMS, x, BITS, sigma, X0, cfg=cfg, block_tokens=T // 2, clean_sigma=CLEAN))()
+    np.testing.assert_array_equal(np.asarray(run(dataclasses.replace(CFG, remat=True))),
+                                  np.asarray(run(CFG)))

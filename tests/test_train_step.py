@@ -9,14 +9,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_standins as si
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bitgen.config import MeshConfig, OptimConfig
 from bitgen.parallel import make_mesh
 from bitgen.train import program as train_program
 from bitgen.train import step as train_step
-from bitgen.train.optim import ema_update, learning_rate_schedule
+from bitgen.train.optim import clip_by_global_norm, ema_update, learning_rate_schedule, make_optimizer
 from bitgen.train.state import TrainState
 from bitgen.train.step import update_if_finite
 
@@ -143,3 +146,45 @@ def test_ema_starts_from_initial_weights_without_bias_correction():
     p1 = {"w": jnp.array([3.0, 0.0])}
     ema = ema_update(p0, p1, 0.9)
     np.testing.assert_allclose(ema["w"], [1.2, 1.8], rtol=1e-6)
+
+
+def _tree(seed, scale):
+    key_a, key_b = jax.random.split(jax.random.key(seed))
+    return {"a": scale * jax.random.normal(key_a, (7, 5)), "b": scale * jax.random.normal(key_b, (11,))}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 999), log_scale=st.floats(-3.0, 3.0))
+def test_clip_by_global_norm_follows_optax(seed, log_scale):
+    """Below the max the gradients pass unchanged (bit for bit); above it they are scaled to the
+    max. optax computes (g / n) · m and bitgen g · (m / n): each is the exact g·m/n after two
+    roundings (relative error <= 2u + u², u = 2^-24), so they differ by <= ~4u·|g·m/n|, at most
+    4 float32 ulps of the result (an ulp is >= u·|x|)."""
+    grads = _tree(seed, 10.0**log_scale)
+    ours, state = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    norm = float(optax.tree.norm(grads))
+    for got, want, g in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(grads)):
+        if norm < 1.0:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(g))
+        np.testing.assert_array_max_ulp(np.asarray(got), np.asarray(want), maxulp=4)
+    assert state == optax.EmptyState()
+    # A given norm is used instead of the gradients' own: with twice their norm, 2n, the
+    # gradients pass unchanged if 2n < 1 and are otherwise multiplied by float32(1 / 2n).
+    doubled = 2.0 * optax.tree.norm(grads)
+    given_norm, _ = clip_by_global_norm(1.0).update(grads, None, grad_norm=doubled)
+    for got, g in zip(jax.tree.leaves(given_norm), jax.tree.leaves(grads)):
+        want = g if float(doubled) < 1.0 else g * (1.0 / doubled)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_optimizer_state_keeps_the_optax_layout():
+    """Checkpoints written with optax.clip_by_global_norm in the chain restore into this one."""
+    params = _tree(0, 1.0)
+    cfg = OptimConfig()
+    steps = cfg.warmup_steps + 1
+    ours = make_optimizer(cfg, steps).init(params)
+    theirs = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                         optax.adamw(learning_rate_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2,
+                                     eps=cfg.eps)).init(params)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)

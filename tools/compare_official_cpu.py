@@ -4,7 +4,8 @@ Usage: python tools/compare_official_cpu.py --official PATH [--batch 4] [--reps 
 
 PATH is a checkout of the official CoBit code (the directory holding ``models/sdt.py``); it is
 imported, never copied. Four programs are timed round-robin (A B C D A B C D ...; one warm-up
-round excluded; median of ``--reps``) on the same threads:
+round excluded; median of ``--reps``) on the same cores, each in its runtime's own worker process
+(``--processes shared``: all four in one):
 
 - ``bitgen``: the real jitted, sharded, donated train step (``bitgen bench --train cobit-s:B``),
   self-conditioning pass included (p = 0.5: the bootstrap forward runs over the whole batch);
@@ -13,6 +14,10 @@ round excluded; median of ``--reps``) on the same threads:
   pass: forward, EDM-weighted binary_sm loss on sigmoid(f + matched filter), backward,
   global-norm clip 1.0, AdamW (β = 0.9/0.99, wd 0.01) and an EMA update, as bitgen's step does;
 - ``matmul``: the chain of 2048² matmuls of ``bitgen.bench.timing`` sized to bitgen's step FLOPs.
+
+Processes: in one process the two runtimes share glibc's heap, and torch's allocations between
+bitgen's steps cost bitgen about 20,000 page faults per step (none when it runs alone); two
+workers keep each heap to its runtime. Both apply ``bitgen.host_memory.keep_freed_host_memory``.
 
 Threads: both runtimes size their pools from the CPU affinity mask. On a shared, oversubscribed
 box PyTorch eager stalls at every op's thread barrier, so run it pinned (``taskset -c 1 python
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -60,8 +66,6 @@ class _Attrs(dict):
 
 def _official_model_class(path: Path):
     """Import ``SequenceVDTContinuousModel`` from the official checkout at ``path``."""
-    if not (path / "models" / "sdt.py").is_file():
-        raise SystemExit(f"--official {path}: no models/sdt.py there; pass the official checkout")
     try:
         import ml_collections  # noqa: F401
     except ImportError:
@@ -143,58 +147,130 @@ def _compiled_callable(program):
     return run
 
 
-def time_round_robin(programs: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
-    """Wall seconds and page faults (minor) of each zero-argument callable, called round-robin;
-    warm-up rounds dropped."""
-    times, faults = {name: [] for name in programs}, {name: [] for name in programs}
-    for round_index in range(warmup + reps):
-        for name, run in programs.items():
-            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            run()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
-    return times, faults
+def _build(kind: str, job: dict, bits: np.ndarray | None) -> tuple[dict, dict]:
+    """The programs of one runtime: ``("jax", ...)`` bitgen's step and the matmul chain,
+    ``("torch", ...)`` the official step with and without SC. Returns (callables, facts)."""
+    cfg = trunk_config(job["trunk"], dtype="float32")
+    if kind == "torch":
+        import torch
+
+        model_class = _official_model_class(Path(job["official"]))
+        programs = {name: official_step(model_class, cfg, bits, self_condition=sc)
+                    for name, sc in (("official_sc", True), ("official_nosc", False))}
+        return programs, {"torch_version": torch.__version__,
+                          "torch_threads": torch.get_num_threads()}
+    program, flops = train_step_program(cfg, job["batch"])
+    chain = max(1, round(flops / (2.0 * MATMUL_SIZE**3)))
+    start = time.perf_counter()
+    programs = {"bitgen": _compiled_callable(program)}
+    facts = {"bitgen_compile_s": time.perf_counter() - start, "bitgen_flops": flops,
+             "matmul_chain": chain, "bits": np.asarray(program.args[1]["bits"]),
+             "machine": backend_info()}
+    programs["matmul"] = _compiled_callable(matmul_program(MATMUL_SIZE, "float32", chain))
+    return programs, facts
 
 
-def compare(official: Path, batch: int, reps: int, trunk: str = "cobit-s") -> dict:
-    """Build, time and summarise the four programs (see the module docstring)."""
-    import torch
+def _timed(run) -> tuple[float, int]:
+    """Wall seconds and minor page faults (of this process) of one call."""
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
 
-    cfg = trunk_config(trunk, dtype="float32")
-    model_class = _official_model_class(official)
-    bitgen_program, bitgen_flops = train_step_program(cfg, batch)
-    bits = np.asarray(bitgen_program.args[1]["bits"])
-    chain = max(1, round(bitgen_flops / (2.0 * MATMUL_SIZE**3)))
-    flops = {"bitgen": bitgen_flops,
+
+def _serve(conn, kinds: list[str]) -> None:
+    """A worker process: receive the job, build the programs of ``kinds``, then run the one each
+    request names and answer with its time and page faults, until a request of None."""
+    keep_freed_host_memory()  # as the bitgen command does; torch allocates through glibc too
+    job = conn.recv()
+    programs, facts, bits = {}, {}, job.get("bits")
+    for kind in kinds:
+        built, kind_facts = _build(kind, job, bits)
+        bits = kind_facts.get("bits", bits)
+        programs.update(built)
+        facts.update(kind_facts)
+    conn.send({"programs": list(programs), **facts})
+    while (name := conn.recv()) is not None:
+        conn.send(_timed(programs[name]))
+
+
+def _answer(conn, worker):
+    """The worker's next message; a worker that died ends the run naming it and its exit code
+    (its traceback is above, on stderr)."""
+    try:
+        return conn.recv()
+    except EOFError:
+        worker.join(timeout=30)
+        raise SystemExit(f"the {worker.name} worker process stopped (exit code {worker.exitcode}); "
+                         "its error is printed above") from None
+
+
+def compare(official: Path, batch: int, reps: int, trunk: str = "cobit-s",
+            processes: str = "separate", warmup: int = 1) -> dict:
+    """Build, time and summarise the four programs (see the module docstring).
+
+    processes: "separate" runs JAX and torch in two worker processes, "shared" in one. Either
+    way one program runs at a time, round-robin: A B C D A B C D ...
+    """
+    if not (official / "models" / "sdt.py").is_file():
+        raise SystemExit(f"--official {official}: no models/sdt.py there; pass the official checkout")
+    cfg = trunk_config(trunk, dtype="float32")  # an unknown trunk fails here, before any worker
+    job = {"official": str(official), "batch": batch, "trunk": trunk}
+    groups = [["jax", "torch"]] if processes == "shared" else [["jax"], ["torch"]]
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: JAX does not fork
+    owner, facts, workers = {}, {}, []
+    try:
+        for kinds in groups:  # built one after the other: compiling does not share the cores
+            conn, child = context.Pipe()
+            worker = context.Process(target=_serve, args=(child, kinds), daemon=True,
+                                     name="+".join(kinds))
+            worker.start()
+            child.close()  # a worker that dies then ends the parent's recv with EOFError
+            workers.append((worker, conn))
+            # The official step trains on bitgen's batch: the JAX worker is built first.
+            conn.send({**job, "bits": facts.get("bits")})
+            ready = _answer(conn, worker)
+            owner.update({name: (conn, worker) for name in ready.pop("programs")})
+            facts.update(ready)
+        order = ["bitgen", "official_sc", "official_nosc", "matmul"]
+        load_before = load_average()
+        samples = {name: [] for name in order}
+        for round_index in range(warmup + reps):
+            for name in order:
+                conn, worker = owner[name]
+                conn.send(name)
+                seconds, faults = _answer(conn, worker)
+                if round_index >= warmup:
+                    samples[name].append((seconds, faults))
+        load_after = load_average()
+    finally:
+        for worker, conn in workers:
+            try:
+                conn.send(None)
+            except OSError:  # the worker has gone already
+                pass
+            worker.join(timeout=30)
+    flops = {"bitgen": facts["bitgen_flops"],
              "official_sc": train_step_flops(cfg, batch, self_conditioning=True),
              "official_nosc": train_step_flops(cfg, batch, self_conditioning=False),
-             "matmul": chain * 2.0 * MATMUL_SIZE**3}
-    start = time.perf_counter()
-    programs = {"bitgen": _compiled_callable(bitgen_program)}
-    compile_s = time.perf_counter() - start
-    programs["official_sc"] = official_step(model_class, cfg, bits, self_condition=True)
-    programs["official_nosc"] = official_step(model_class, cfg, bits, self_condition=False)
-    programs["matmul"] = _compiled_callable(matmul_program(MATMUL_SIZE, "float32", chain))
-    load_before = load_average()
-    times, faults = time_round_robin(programs, reps)
+             "matmul": facts["matmul_chain"] * 2.0 * MATMUL_SIZE**3}
     tokens = batch * cfg.seq_tokens
     rows = {}
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        rows[name] = {"median_s": median, "times_s": [round(t, 4) for t in samples],
-                      "page_faults": faults[name],
+    for name, timed in samples.items():
+        median = statistics.median(seconds for seconds, _ in timed)
+        rows[name] = {"median_s": median, "times_s": [round(seconds, 4) for seconds, _ in timed],
+                      "page_faults": [faults for _, faults in timed],
                       "flops_per_step": flops[name], "flops_per_s": flops[name] / median,
                       "tokens_per_s": tokens / median if name != "matmul" else None}
     bitgen_rate, chain_rate = rows["bitgen"]["flops_per_s"], rows["matmul"]["flops_per_s"]
     return {
-        "machine": backend_info(), "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "machine": facts["machine"], "torch_version": facts["torch_version"],
+        "torch_threads": facts["torch_threads"], "processes": processes,
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "load_average_before_after": [load_before, load_average()],
+        "load_average_before_after": [load_before, load_after],
         "trunk": trunk, "batch": batch, "seq_tokens": cfg.seq_tokens, "patch_size": cfg.patch_size,
-        "reps": reps, "bitgen_compile_s": compile_s, "matmul_chain": chain, "programs": rows,
+        "reps": reps, "bitgen_compile_s": facts["bitgen_compile_s"],
+        "matmul_chain": facts["matmul_chain"], "programs": rows,
         "ratio_vs_official_nosc": bitgen_rate / rows["official_nosc"]["flops_per_s"],
         "ratio_vs_official_sc": bitgen_rate / rows["official_sc"]["flops_per_s"],
         "fraction_of_matmul_chain": bitgen_rate / chain_rate,
@@ -215,7 +291,8 @@ def summary(report: dict) -> str:
                  f"bitgen / matmul chain: {report['fraction_of_matmul_chain']:.1%}")
     lines.append(f"threads: torch {report['torch_threads']}, CPUs in affinity "
                  f"{report['cpu_affinity']}, XLA_FLAGS={report['machine']['xla_flags']!r}, "
-                 f"host malloc {report['machine']['host_malloc']}; "
+                 f"host malloc {report['machine']['host_malloc']}, JAX and torch in "
+                 f"{'one process' if report['processes'] == 'shared' else 'two processes'}; "
                  f"load average before/after {report['load_average_before_after']}")
     return "\n".join(lines)
 
@@ -228,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trunk", default="cobit-s", help="named trunk of bitgen.bench.programs")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--processes", choices=("separate", "shared"), default="separate",
+                        help="JAX and torch in two worker processes (default) or in one")
     args = parser.parse_args(argv)
-    keep_freed_host_memory()  # as the bitgen command does; torch allocates through glibc too
-    report = compare(args.official.resolve(), args.batch, args.reps, args.trunk)
+    report = compare(args.official.resolve(), args.batch, args.reps, args.trunk, args.processes)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     print(summary(report))

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bitgen.nn.layers import Dropout, dense
 
@@ -92,29 +93,62 @@ def combine_masks(*masks: Array | None) -> Array | None:
 # Rotary position embedding
 
 
-def rope_inverse_frequencies(head_dim: int, base: float) -> Array:
-    """[D/2] float32: ``1 / base^(2i/D)`` as the reference computes it (float32 pow)."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (jnp.float32(base) ** exponents)
+def rope_inverse_frequencies(head_dim: int, base: float) -> np.ndarray:
+    """[D/2] float32: ``1 / base^(2i/D)`` in float32 (the reference's formula; NumPy's powf is
+    correctly rounded, torch's vectorised pow is within an ulp of it)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return np.float32(1.0) / np.power(np.float32(base), exponents)
 
 
-def apply_rope(x: Array, positions: Array, base: float) -> Array:
-    """Rotary embedding in the rotate-half (GPT-NeoX) layout.
+def rope_table(positions: np.ndarray, head_dim: int, base: float) -> np.ndarray:
+    """float32 [2, ..., D] cos and sin at ``positions`` (any int shape), built on the host.
 
-    x: [B, T, H, D]; positions: [T] or [B, T] absolute integer positions (e.g. offset + arange).
-    Frequencies are concatenated ``[f, f]`` and ``rotate_half(x) = [-x2, x1]``; tables in float32.
+    Angles are rounded to float32 as the reference rounds them (float32 frequencies times float32
+    positions), then cos and sin are evaluated in float64 and rounded once. Frequencies are
+    concatenated ``[f, f]`` (rotate-half layout).
     """
-    head_dim = x.shape[-1]
-    inv_freq = rope_inverse_frequencies(head_dim, base)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    if angles.ndim == 2:
-        angles = angles[None]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    angles = np.asarray(positions).astype(np.float32)[..., None] * rope_inverse_frequencies(head_dim, base)
+    angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
+    return np.stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array | np.ndarray, head_dim: int, base: float, dtype, *,
+                 max_positions: int | None = None) -> tuple[Array, Array]:
+    """cos, sin [B or 1, T, 1, D] in ``dtype`` for positions [T] or [B, T].
+
+    Positions known when tracing (NumPy, or concrete arrays) give a table that is a constant of
+    the program. Traced positions need ``max_positions``: the rows are gathered from the constant
+    table over 0..max_positions-1, so for 0 <= p < max_positions both give the same values, bit
+    for bit (positions outside take the nearest row).
+
+    Constants rather than cos/sin in the program: XLA:CPU copies a cheap elementwise producer
+    into every consumer, so a [T, D] cos/sin was evaluated again for every element of every q and
+    k it rotated (docs/benchmarks.md, "RoPE tables and the clip").
+    """
+    if isinstance(positions, jax.core.Tracer):
+        if max_positions is None:
+            raise ValueError("RoPE: traced positions need max_positions= (a bound known when "
+                             "tracing, e.g. the KV cache length); or pass NumPy positions")
+        table = jnp.take(rope_table(np.arange(max_positions), head_dim, base), positions, axis=1,
+                         mode="clip")
+    else:
+        table = rope_table(np.asarray(positions), head_dim, base)
+    if table.ndim == 3:  # [2, T, D]: one set of positions for every row
+        table = table[:, None]
+    return tuple(jnp.asarray(t)[:, :, None, :].astype(dtype) for t in (table[0], table[1]))
+
+
+def rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """``x·cos + rotate_half(x)·sin`` with ``rotate_half(x) = [-x2, x1]``; x [B, T, H, D]."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def apply_rope(x: Array, positions: Array | np.ndarray, base: float, *,
+               max_positions: int | None = None) -> Array:
+    """Rotary embedding in the rotate-half (GPT-NeoX) layout; x [B, T, H, D], positions [T] or
+    [B, T] absolute integer positions (see ``rope_cos_sin``)."""
+    return rotate(x, *rope_cos_sin(positions, x.shape[-1], base, x.dtype, max_positions=max_positions))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +195,8 @@ class Attention(nn.Module):
       n_heads: number of heads H (D = E / H); softmax scale 1/sqrt(D).
       block_size: structural mask. None = bidirectional, 1 = causal, m = block-causal.
       use_rope: rotate q and k by their absolute positions (rotate-half RoPE, ``rope_base``).
+      max_positions: a bound on ``positions=`` when they are traced (e.g. inside ``nn.remat``);
+        positions known when tracing need none (see ``rope_cos_sin``).
       dropout: attention-probability dropout, active only with ``train=True``.
       use_bias: biases on the qkv and output projections.
       implementation: ``jax.nn.dot_product_attention`` kernel (``"xla"``, ``"cudnn"`` or None =
@@ -176,6 +212,7 @@ class Attention(nn.Module):
     block_size: int | None = None
     use_rope: bool = True
     rope_base: float = 10000.0
+    max_positions: int | None = None
     dropout: float = 0.0
     use_bias: bool = True
     implementation: str | None = None
@@ -185,14 +222,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, cache: KVCache | None = None, mask: Array | None = None,
-                 positions: Array | None = None,
+                 positions: Array | np.ndarray | None = None,
                  train: bool = False) -> tuple[Array, KVCache | None]:
         """x [B, C, E] at positions p0..p0+C-1 (p0 = cache.length, or 0 without a cache).
 
         mask: extra bool mask broadcastable to [B, 1, C, Tk] (Tk = C, or T_max with a cache),
         ANDed with the structural one (e.g. ``segment_mask`` for packed rows).
         positions: int [C], the chunk's own positions instead of p0..p0+C-1 (without a cache
-        only; e.g. two copies of one row side by side, each at the row's positions).
+        only; e.g. two copies of one row side by side, each at the row's positions); NumPy, or
+        traced below ``max_positions``.
         Returns (y [B, C, E], the cache with this chunk written, or None).
         """
         batch, chunk, width = x.shape
@@ -202,11 +240,15 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(batch, chunk, self.n_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if positions is not None and cache is not None:
             raise ValueError("positions= is for a chunk without a cache (a cache sets them)")
-        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-        q_pos = start + jnp.arange(chunk) if positions is None else jnp.asarray(positions)
+        if cache is not None:
+            q_pos, max_positions = cache.length + jnp.arange(chunk), cache.keys.shape[1]
+        else:  # NumPy (constants when tracing) unless the caller's positions are traced
+            q_pos = np.arange(chunk) if positions is None else positions
+            max_positions = self.max_positions
         if self.use_rope:
-            q = apply_rope(q, q_pos, self.rope_base)
-            k = apply_rope(k, q_pos, self.rope_base)
+            cos, sin = rope_cos_sin(q_pos, head_dim, self.rope_base, q.dtype,
+                                    max_positions=max_positions)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is None:
             k_pos, written = q_pos, None
         else:

@@ -74,7 +74,8 @@ class BlockLayer(nn.Module):
         x = residual_cotangent_once(x)
         h, gate = LevelAdaLN(cfg.embed_dim, dtype=dtype, name="adaln1")(x, t_emb, index)
         y, cache = Attention(cfg.n_heads, block_size=self.block_size, dropout=cfg.dropout,
-                             rope_base=cfg.rope_base, implementation=cfg.attention, dtype=dtype,
+                             rope_base=cfg.rope_base, max_positions=cfg.seq_tokens,
+                             implementation=cfg.attention, dtype=dtype,
                              name="attn")(h, cache=cache, mask=mask, positions=positions,
                                           train=self.train)
         x = x + drop(y) * gate

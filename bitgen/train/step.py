@@ -5,7 +5,7 @@
    schedule state.
 2. loss/grads over ``optim.grad_accum`` micro-batches (more than one: a lax.scan summing grads, the
    same update as one large batch; metrics are per global step).
-3. clip + AdamW update, EMA update.
+3. clip (by the global norm computed once here) + AdamW update, EMA update.
 4. The per-row outputs (CoBit: (sigma, per-sample MSE)) update the schedule state.
 5. A non-finite loss or gradient leaves the state unchanged (on CPU 3-4 run in a ``lax.cond``
    branch, elsewhere a select keeps the old state) and sets ``metrics['finite']=False``, so a
@@ -108,6 +108,7 @@ def make_train_step(
     default: when the mesh's devices (else the default backend) are CPUs.
     """
     accum = cfg.optim.grad_accum
+    tx = optax.with_extra_args_support(tx)  # a plain transformation ignores grad_norm=
     if guard_branch is None:
         platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
         guard_branch = platform == "cpu"
@@ -164,7 +165,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(state: TrainState) -> TrainState:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                           grad_norm=grad_norm)
             params = optax.apply_updates(state.params, updates)
             new_step = state.step + 1
             return state.replace(
