@@ -9,6 +9,7 @@ the same parameter dicts, with their own copy of the old rotary embedding.
 
 from __future__ import annotations
 
+import decimal
 import functools
 
 import flax.linen as nn
@@ -284,7 +285,7 @@ def test_dropout_kernel_masks_like_the_fused_kernel(block):
 # RoPE tables
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(length=st.integers(1, 12), extra=st.integers(0, 8), start=st.integers(0, 8), seed=st.integers(0, 99))
 def test_rope_of_traced_positions_equals_rope_of_static_positions(length, extra, start, seed):
     """The KV-cache path (traced positions gathered from a table over 0..max-1) and the static
@@ -301,17 +302,34 @@ def test_rope_of_traced_positions_equals_rope_of_static_positions(length, extra,
     np.testing.assert_array_equal(np.asarray(per_row[1]), np.asarray(reversed_[1]))
 
 
-def test_rope_table_is_float64_cos_sin_of_float32_angles():
+def test_rope_inverse_frequencies_are_rounded_once():
+    """Against 40-digit decimal arithmetic at the reference's float32 exponents: float64 pow and
+    divide (<= 1 + 0.5 float64 ulps, relative error <= 2^-52) rounded once to float32 lie within
+    half a float32 spacing of the exact value plus that 2^-52 relative term."""
+    decimal.getcontext().prec = 40
+    for head_dim, base in ((8, 10000.0), (64, 10000.0), (96, 500000.0), (6, 1e6)):
+        got = attn.rope_inverse_frequencies(head_dim, base)
+        exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        exact = np.array([float(1 / decimal.Decimal(base) ** decimal.Decimal(float(e))) for e in exponents])
+        assert got.dtype == np.float32
+        assert np.all(np.abs(got - exact) <= np.spacing(got) / 2 + 2.0**-52 * exact)
+
+
+def test_rope_table_is_cos_sin_of_float32_angles_rounded_once():
     positions = np.arange(300)
     table = attn.rope_table(positions, 8, 10000.0)
-    inv_freq = (np.float32(1) / np.float32(10000.0) ** (np.arange(0, 8, 2, dtype=np.float32) / np.float32(8)))
-    angles = (positions.astype(np.float32)[:, None] * inv_freq).astype(np.float64)
-    # The same float64 values, rounded once to float32: round-to-nearest is within half the
-    # float32 spacing at the result (the spacing below a power of two is half the one above, so
-    # the half-spacing above bounds both sides).
+    angles = (positions.astype(np.float32)[:, None] * attn.rope_inverse_frequencies(8, 10000.0))
+    angles = angles.astype(np.float64)
+    # libm's float64 cos/sin rounded once to float32: within half the float32 spacing of libm's
+    # value (the spacing below a power of two is half the one above, so the half-spacing above
+    # bounds both sides). libm and NumPy are each within a float64 ulp of the exact value, and a
+    # float64 ulp at |x| <= 1 is <= 2^-52, so they differ by <= 2^-51.
     for got, want in ((table[0, :, :4], np.cos(angles)), (table[1, :, 4:], np.sin(angles))):
-        assert np.all(np.abs(got.astype(np.float64) - want) <= np.abs(np.spacing(got)) / 2)
+        assert np.all(np.abs(got.astype(np.float64) - want) <= np.abs(np.spacing(got)) / 2 + 2.0**-51)
     np.testing.assert_array_equal(table[:, :, :4], table[:, :, 4:])  # [f, f] layout
+    # Any int shape, repeated positions included: the rows of the table above.
+    picks = np.array([[299, 0, 5], [5, 5, 17]])
+    np.testing.assert_array_equal(attn.rope_table(picks, 8, 10000.0), table[:, picks])
 
 
 def test_traced_positions_without_a_bound_are_refused():

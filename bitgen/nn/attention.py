@@ -18,6 +18,8 @@ Shape letters: B batch, C chunk (query) length, T_max cache length, H heads, D h
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -94,22 +96,34 @@ def combine_masks(*masks: Array | None) -> Array | None:
 
 
 def rope_inverse_frequencies(head_dim: int, base: float) -> np.ndarray:
-    """[D/2] float32: ``1 / base^(2i/D)`` in float32 (the reference's formula; NumPy's powf is
-    correctly rounded, torch's vectorised pow is within an ulp of it)."""
+    """[D/2] float32: ``1 / base^e`` at the reference's float32 exponents ``e = 2i/D``, evaluated
+    in float64 (libm's ``pow``) and rounded once (the reference's float32 pow is within an ulp)."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return np.float32(1.0) / np.power(np.float32(base), exponents)
+    return np.array([1.0 / math.pow(base, float(e)) for e in exponents], np.float32)
 
 
 def rope_table(positions: np.ndarray, head_dim: int, base: float) -> np.ndarray:
     """float32 [2, ..., D] cos and sin at ``positions`` (any int shape), built on the host.
 
     Angles are rounded to float32 as the reference rounds them (float32 frequencies times float32
-    positions), then cos and sin are evaluated in float64 and rounded once. Frequencies are
-    concatenated ``[f, f]`` (rotate-half layout).
+    positions); cos and sin are libm's float64 values rounded once, not NumPy's, whose SIMD paths
+    vary with the CPU. Frequencies are concatenated ``[f, f]`` (rotate-half layout).
     """
-    angles = np.asarray(positions).astype(np.float32)[..., None] * rope_inverse_frequencies(head_dim, base)
-    angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)
-    return np.stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
+    positions = np.asarray(positions)
+    values, index = np.unique(positions.ravel(), return_inverse=True)
+    angles = values.astype(np.float32)[:, None] * rope_inverse_frequencies(head_dim, base)
+    flat = angles.astype(np.float64).ravel().tolist()
+    table = np.array([list(map(math.cos, flat)), list(map(math.sin, flat))], np.float32)
+    table = table.reshape(2, *angles.shape)[:, index.reshape(positions.shape)]
+    return np.concatenate([table, table], axis=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_rows(n_positions: int, head_dim: int, base: float) -> np.ndarray:
+    """``rope_table`` of positions 0..n_positions-1, kept per size (every layer asks again)."""
+    table = rope_table(np.arange(n_positions), head_dim, base)
+    table.flags.writeable = False  # shared by every caller
+    return table
 
 
 def rope_cos_sin(positions: Array | np.ndarray, head_dim: int, base: float, dtype, *,
@@ -119,18 +133,14 @@ def rope_cos_sin(positions: Array | np.ndarray, head_dim: int, base: float, dtyp
     Positions known when tracing (NumPy, or concrete arrays) give a table that is a constant of
     the program. Traced positions need ``max_positions``: the rows are gathered from the constant
     table over 0..max_positions-1, so for 0 <= p < max_positions both give the same values, bit
-    for bit (positions outside take the nearest row).
-
-    Constants rather than cos/sin in the program: XLA:CPU copies a cheap elementwise producer
-    into every consumer, so a [T, D] cos/sin was evaluated again for every element of every q and
-    k it rotated (docs/benchmarks.md, "RoPE tables and the clip").
+    for bit; a position outside takes the nearest row (docs/benchmarks.md, "RoPE tables and the
+    clip", says why the tables are constants).
     """
     if isinstance(positions, jax.core.Tracer):
         if max_positions is None:
             raise ValueError("RoPE: traced positions need max_positions= (a bound known when "
-                             "tracing, e.g. the KV cache length); or pass NumPy positions")
-        table = jnp.take(rope_table(np.arange(max_positions), head_dim, base), positions, axis=1,
-                         mode="clip")
+                             "tracing, e.g. the KV cache's capacity); or pass NumPy positions")
+        table = jnp.take(_rope_rows(max_positions, head_dim, base), positions, axis=1, mode="clip")
     else:
         table = rope_table(np.asarray(positions), head_dim, base)
     if table.ndim == 3:  # [2, T, D]: one set of positions for every row
@@ -146,8 +156,8 @@ def rotate(x: Array, cos: Array, sin: Array) -> Array:
 
 def apply_rope(x: Array, positions: Array | np.ndarray, base: float, *,
                max_positions: int | None = None) -> Array:
-    """Rotary embedding in the rotate-half (GPT-NeoX) layout; x [B, T, H, D], positions [T] or
-    [B, T] absolute integer positions (see ``rope_cos_sin``)."""
+    """Rotary embedding in the rotate-half (GPT-NeoX) layout, in one call; x [B, T, H, D],
+    positions [T] or [B, T] absolute integer positions (see ``rope_cos_sin``)."""
     return rotate(x, *rope_cos_sin(positions, x.shape[-1], base, x.dtype, max_positions=max_positions))
 
 
@@ -196,7 +206,8 @@ class Attention(nn.Module):
       block_size: structural mask. None = bidirectional, 1 = causal, m = block-causal.
       use_rope: rotate q and k by their absolute positions (rotate-half RoPE, ``rope_base``).
       max_positions: a bound on ``positions=`` when they are traced (e.g. inside ``nn.remat``);
-        positions known when tracing need none (see ``rope_cos_sin``).
+        positions known when tracing need none. A traced position at or above it is rotated as
+        position max_positions-1, silently (see ``rope_cos_sin``).
       dropout: attention-probability dropout, active only with ``train=True``.
       use_bias: biases on the qkv and output projections.
       implementation: ``jax.nn.dot_product_attention`` kernel (``"xla"``, ``"cudnn"`` or None =

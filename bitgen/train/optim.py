@@ -4,10 +4,10 @@ AdamW (β=(0.9, 0.99), eps 1e-8, weight decay 0.01 on *all* parameters) after a 
 with a linear warm-up then cosine decay to ``min_lr`` at ``total_steps``.
 
 The clip is optax's rule (unchanged below ``grad_clip``, else scaled to norm ``grad_clip``) written
-as one multiplication by a scalar, as the reference's ``clip_grad_norm_`` does: XLA then fuses it
-into both Adam moment updates. optax divides every gradient by the norm, and XLA does not copy a
-division into two consumers, so the clipped gradients were written and read once more (2.1 GB of
-CoBit-S's 19.6 GB per CPU step). The train step also passes the norm it already has.
+as one multiplication by a scalar, as the reference's ``clip_grad_norm_`` does, so that XLA fuses
+it into both Adam moment updates (optax's division is not copied into two consumers, and the
+clipped gradients went through memory once more); the train step also passes the norm it already
+has. docs/benchmarks.md, "RoPE tables and the clip", has the measurements.
 
 Reference quirk, deliberately not copied: the official trainer steps its LR scheduler *after* the
 optimizer, so its first update uses the full base lr before the warm-up starts. Here update ``k``
@@ -47,8 +47,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """g · min(1, max_norm / ‖g‖) over the whole tree (‖g‖ < max_norm: g unchanged, bit for bit).
 
-    ``update(..., grad_norm=n)`` uses n as ‖g‖ instead of computing it. Its state is optax's
-    ``EmptyState`` (as ``optax.clip_by_global_norm``'s, so checkpoints are unchanged).
+    ``update(..., grad_norm=n)`` uses n as ‖g‖ instead of computing it: in a chain every member
+    receives the same n, so it must be the norm of the updates as they reach the clip (the clip
+    first). Its state is optax's ``EmptyState`` (as ``optax.clip_by_global_norm``'s, so
+    checkpoints are unchanged).
     """
 
     def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
