@@ -281,15 +281,11 @@ TINY = ["model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n
 
 @pytest.mark.slow  # trains, resumes and samples a run through the CLI (~30 s idle)
 def test_a_bitlm_run_resumes_exactly_and_continues_a_prompt(tmp_path):
-    from bitgen.config import load_config
     from bitgen.train.loop import max_param_difference, train
     from test_train_loop import SignalAfter, losses
+    from tiny_corpus import tiny_corpus_config
 
-    source, cache = tmp_path / "corpus.txt", tmp_path / "cache"
-    source.write_text("\n\n".join(f"fortune number {i}: the cat sat on mat {i % 7}." for i in range(300)))
-    overrides = [f"data.source={source}", f"data.cache_dir={cache}", "data.vocab_size=512",
-                 "model.patch_size=9", *TINY]
-    cfg = load_config("demo_bitlm_cpu", overrides)
+    cfg = tiny_corpus_config("demo_bitlm_cpu", tmp_path, TINY)
     full = train(cfg, tmp_path / "full", progress=False)
     assert full.step == 6 and np.isfinite(full.last_metrics["loss"])
     cut = tmp_path / "cut"

@@ -278,14 +278,10 @@ TINY = ["model.seq_tokens=16", "model.embed_dim=32", "model.n_heads=2", "model.n
 
 @pytest.mark.slow  # trains, samples with a prompt and refuses an infill through the CLI
 def test_a_block_cobit_run_trains_and_continues_a_prompt(tmp_path):
-    from bitgen.config import load_config
     from bitgen.train.loop import train
+    from tiny_corpus import tiny_corpus_config
 
-    source, cache = tmp_path / "corpus.txt", tmp_path / "cache"
-    source.write_text("\n\n".join(f"fortune number {i}: the cat sat on mat {i % 7}." for i in range(300)))
-    overrides = [f"data.source={source}", f"data.cache_dir={cache}", "data.vocab_size=512",
-                 "model.patch_size=9", *TINY]
-    cfg = load_config("demo_block_cobit_cpu", overrides)
+    cfg = tiny_corpus_config("demo_block_cobit_cpu", tmp_path, TINY)
     run = train(cfg, tmp_path / "run", progress=False)
     assert run.step == 4 and np.isfinite(run.last_metrics["loss"])
     out = tmp_path / "s.txt"
