@@ -120,6 +120,7 @@ def test_families_with_options_get_their_own_curves_and_labels(tmp_path):
     text = tables.format_table(table)
     assert "T=1 head=diffusion guidance=9.0" in text and "T=1 head=softmax" in text
     assert "ddim entropic PF-ODE (γ=0) block_tokens=4" in text
+    assert len({len(line) for line in text.splitlines()}) == 1  # long labels widen the column
     png = plot.plot_frontier(table, tmp_path / "frontier.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

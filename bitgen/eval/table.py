@@ -74,11 +74,16 @@ def write_csv(table: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table (what ``bitgen eval``/``bitgen demo`` print)."""
-    header = f"{'model':<11} {'sampler':<28} {'NFE':>4} {'GenPPL':>16} {'entropy':>14} {'seeds':>5} {'n':>4}"
+    """A fixed-width text table (what ``bitgen eval``/``bitgen demo`` print); the model and sampler
+    columns are as wide as their longest entry (a family's options make long sampler labels)."""
+    labels = [describe_point(row) for row in table]
+    model_w = max([11, *(len(row["model"]) for row in table)])
+    sampler_w = max([28, *map(len, labels)])
+    header = (f"{'model':<{model_w}} {'sampler':<{sampler_w}} {'NFE':>4} {'GenPPL':>16} {'entropy':>14} "
+              f"{'seeds':>5} {'n':>4}")
     lines = [header, "-" * len(header)]
-    for row in table:
-        lines.append(f"{row['model']:<11} {describe_point(row):<28} {row['nfe'] or '':>4} "
+    for row, label in zip(table, labels):
+        lines.append(f"{row['model']:<{model_w}} {label:<{sampler_w}} {row['nfe'] or '':>4} "
                      f"{_pm(row['genppl_mean'], row['genppl_std'], 2):>16} "
                      f"{_pm(row['entropy_mean'], row['entropy_std'], 3):>14} "
                      f"{len(row['seeds']):>5} {row['n']:>4}")
